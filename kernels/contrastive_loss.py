@@ -1,0 +1,1 @@
+def contrastive_loss(*a, **k): raise NotImplementedError

@@ -1,0 +1,1 @@
+def cross_attention(*a, **k): raise NotImplementedError
