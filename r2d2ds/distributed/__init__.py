@@ -61,3 +61,21 @@ def all_gather_variable(t: torch.Tensor, group=None) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+_LOCAL_GROUPS: dict[int, object] = {}
+
+
+def local_group():
+    """A process group holding only this rank: exchanges through it stay on this rank.
+
+    Used where an op takes a `group` but must see only the local batch (FGR's negatives until the global
+    hard-negative exchange lands). Only this rank takes part in creating it, so ranks may call it at any time.
+    Returns None when torch.distributed is not initialised (None then means single process everywhere).
+    """
+    if not is_initialized():
+        return None
+    rank = dist.get_rank()
+    if rank not in _LOCAL_GROUPS:
+        _LOCAL_GROUPS[rank] = dist.new_group([rank], use_local_synchronization=True)
+    return _LOCAL_GROUPS[rank]
