@@ -1,0 +1,128 @@
+"""The one place that turns an r2d2ds config plus a ds_config file into a DeepSpeed engine.
+
+ds_configs/*.json hold engine policy only (ZeRO stage, precision, buckets, offload). Everything that is training
+policy comes from the r2d2ds config and is written into the ds_config here, once, with the batch identity
+train_batch_size = micro x accumulation x world asserted (DeepSpeed-Chat's convention).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r2d2ds.config import Config, ConfigError
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    # Biases, norms, embeddings of position/class tokens and the temperature are not weight-decayed (CLIP, ALBEF).
+    return param.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "temperature", "LayerNorm", "norm"))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config key 'train.ds_config': file '{p}' does not exist")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key 'train.ds_config': '{p}' is not valid JSON ({e})") from e
+    return {k: v for k, v in raw.items() if not k.startswith("_")}  # "_comment" keys are for readers only
+
+
+def _check_batch_key(ds: dict[str, Any], key: str, value: int, path: str) -> None:
+    if key in ds and ds[key] != value:
+        raise ConfigError(f"ds_config '{path}' sets {key}={ds[key]} but the r2d2ds config implies {value}: "
+                          f"remove it from the ds_config (it is filled from data.micro_batch and train.grad_accum)")
+
+
+def fill_ds_config(cfg: Config, world_size: int, run_dir: str | None = None) -> dict[str, Any]:
+    """The ds_config DeepSpeed receives: the file's engine policy plus our training policy."""
+    ds = load_ds_config(cfg.train.ds_config)
+    micro, accum = cfg.data.micro_batch, cfg.train.grad_accum
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum),
+                       ("train_batch_size", micro * accum * world_size)):
+        _check_batch_key(ds, key, value, cfg.train.ds_config)
+        ds[key] = value
+    assert ds["train_batch_size"] == micro * accum * world_size  # the batch identity
+    ds["gradient_clipping"] = cfg.train.grad_clip
+
+    # Precision "auto": bf16 on GPUs that have it; fp32 on CPUs (bf16 there is ~10x slower, DESIGN.md 5).
+    for key in ("bf16", "fp16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            want = key == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            ds[key]["enabled"] = bool(want)
+    if not torch.cuda.is_available() and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"ds_config '{cfg.train.ds_config}': fp16 is not supported on the CPU; use bf16 or fp32")
+
+    if cfg.train.optimizer == "ds_config":
+        if "optimizer" not in ds:
+            raise ConfigError(f"config key 'train.optimizer' is 'ds_config' but '{cfg.train.ds_config}' has no "
+                              "optimizer block; add one or set --train.optimizer=torch_adamw")
+        params = ds["optimizer"].setdefault("params", {})
+        params.update(lr=cfg.train.lr, betas=list(cfg.train.betas), eps=1e-8, weight_decay=cfg.train.weight_decay)
+        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+        if not torch.cuda.is_available() and not offload:
+            # DeepSpeed's CPU FusedAdam is a ~70 s JIT build; torch_adam selects torch.optim.AdamW (Adam for
+            # type "Adam") inside the engine with the same update rule. Offload keeps DeepSpeedCPUAdam.
+            params.setdefault("torch_adam", True)
+    else:
+        ds.pop("optimizer", None)
+
+    if run_dir is not None:  # DeepSpeed's monitor writes the TensorBoard events on rank 0
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(run_dir) / "tensorboard"), "job_name": "."}
+    return ds
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up to train.lr, then cosine decay to train.min_lr at train.steps (multiplier of lr)."""
+    warm, total, floor = cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr / cfg.train.lr
+
+    def fn(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _client_optimizer(groups, cfg: Config):
+    """A torch client optimizer: NVIDIA apex's FusedAdam when it is importable on CUDA, else torch AdamW."""
+    if torch.cuda.is_available() and importlib.util.find_spec("apex") is not None:
+        try:
+            from apex.optimizers import FusedAdam  # NVIDIA apex only; PyPI's "apex" has no such module
+
+            return FusedAdam(groups, lr=cfg.train.lr, betas=cfg.train.betas, adam_w_mode=True)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas,
+                             fused=torch.cuda.is_available() or None)
+
+
+def build_engine(module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]):
+    """deepspeed.initialize with our param groups, optimizer choice and LR schedule."""
+    import deepspeed
+
+    groups = param_groups(module, cfg.train.weight_decay)
+    optimizer = None if "optimizer" in ds_config else _client_optimizer(groups, cfg)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=copy.deepcopy(ds_config))
+    return engine

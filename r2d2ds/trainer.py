@@ -1,0 +1,229 @@
+"""The R2D2 pre-training loop on a DeepSpeed engine: build, fit, checkpoint, evaluate, export.
+
+One optimizer step = grad_accum micro steps of `engine(batch) -> engine.backward(loss)` followed by one
+`engine.step()`; the engine owns clipping, ZeRO partitioning, loss scaling and the LR schedule. The EMA teacher
+lives outside the engine (it is never optimised) and is updated after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r2d2ds import checkpoint
+from r2d2ds import distributed as rd
+from r2d2ds.config import Config
+from r2d2ds.engine import build_engine, fill_ds_config
+from r2d2ds.metrics import MetricLogger
+
+log = logging.getLogger("r2d2ds")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(base: int, step: int, micro: int, rank: int) -> int:
+    """The seed of one micro step on one rank (MLM masks, hard negatives): a pure function of the position,
+    so a resumed run draws exactly what the uninterrupted run would have drawn."""
+    return ((base * 1_000_003 + step) * 257 + micro) * 4099 + rank
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from r2d2ds.data import TrainStream, load_tokenizer
+        from r2d2ds.losses.objective import R2D2Pretraining
+        from r2d2ds.models.ema import make_teacher
+
+        self.cfg = cfg
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        self.rank, self.world = rd.get_rank(), rd.get_world_size()
+        self.run_dir = Path(cfg.train.run_dir)
+        if rd.is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        rd.barrier()
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, dataset=cfg.data.train)
+        specials = sorted(set(self.tokenizer.all_special_ids))
+        # Identical initial weights on every rank (ZeRO-3 partitions each rank's copy without broadcasting).
+        seed_everything(cfg.train.seed)
+        module = R2D2Pretraining(cfg.model, cfg.loss, vocab_size=len(self.tokenizer),
+                                 pad_token_id=self.tokenizer.pad_token_id,
+                                 mask_token_id=self.tokenizer.mask_token_id, special_token_ids=specials)
+        needs_teacher = (cfg.loss.tgd_alpha > 0 and cfg.loss.tgd_weight > 0) or cfg.loss.fgd_weight > 0
+        self.teacher = make_teacher(module.model) if needs_teacher else None
+
+        self.ds_config = fill_ds_config(cfg, self.world, run_dir=str(self.run_dir))
+        self.engine = build_engine(module, cfg, self.ds_config)
+        self.device = self.engine.device
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
+        # Dropout streams differ per rank (different data); the model init above was shared.
+        seed_everything(cfg.train.seed * 7919 + self.rank)
+
+        self.stream = TrainStream(cfg.data, self.tokenizer, rank=self.rank, world=self.world, seed=cfg.train.seed)
+        self.step = 0
+        self.samples_seen = 0
+        self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None))
+        self._eval_split = None
+        if rd.is_main_process():
+            cfg.save(self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        if cfg.train.resume:
+            self._resume()
+
+    # ----------------------------------------------------------------------------------------- state
+    def _client_state(self) -> dict[str, Any]:
+        state = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.to_dict()}
+        if self.teacher is not None:
+            state["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+        return state
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict(), "rng": checkpoint.rng_state(),
+                "skipped_total": self.logger.skipped_total}
+
+    def save_checkpoint(self) -> str:
+        return checkpoint.save(self.engine, self.run_dir, self.step, self._client_state(), self._rank_state(),
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        loaded = checkpoint.load(self.engine, self.run_dir)
+        if loaded is None:
+            if rd.is_main_process():
+                log.warning("train.resume is set but %s has no checkpoint: starting from step 0",
+                            checkpoint.checkpoint_dir(self.run_dir))
+            return
+        client, rank_state = loaded
+        self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
+        if self.teacher is not None and "teacher" in client:
+            self.teacher.load_state_dict(client["teacher"])
+        self.stream.load_state_dict(rank_state["data"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        self.logger.skipped_total = int(rank_state.get("skipped_total", 0))
+        if rd.is_main_process():
+            log.info("resumed from step %d (%d samples seen)", self.step, self.samples_seen)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _autocast(self):
+        if self.bf16 and self.device.type == "cuda":
+            # Student weights are bf16 inside the engine, the EMA teacher stays fp32 (EMA increments of
+            # (1 - m) x delta vanish in bf16); autocast lets both run on the same fp32 inputs.
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _ema_update(self) -> None:
+        from r2d2ds.models.ema import ema_update_
+
+        params = list(self.engine.module.model.parameters())
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
+        else:
+            ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
+
+    def train_step(self, batches) -> None:
+        accum = self.cfg.train.grad_accum
+        for micro in range(accum):
+            batch = next(batches)
+            skipped = int(batch.pop("skipped", 0))
+            batch.pop("key", None)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():
+                out = self.engine(batch, self.teacher, step_seed(self.cfg.train.seed, self.step, micro, self.rank))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            self.logger.accumulate(out, samples=batch["image"].shape[0], skipped=skipped)
+        self.step += 1
+        self.samples_seen += self.cfg.data.micro_batch * accum * self.world
+        if self.teacher is not None:
+            self._ema_update()
+
+    def fit(self) -> dict[str, Any] | None:
+        from tqdm import tqdm
+
+        cfg = self.cfg.train
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and rd.is_main_process()),
+                   dynamic_ncols=True, desc="train")
+        batches = iter(self.stream)
+        self.engine.train()
+        while self.step < cfg.steps:
+            self.train_step(batches)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rec = self.logger.flush(self.step, lr=self.engine.get_lr()[0],
+                                        extra={"train/samples_seen": self.samples_seen})
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in rec.items()
+                                 if k.startswith("loss/") or k == "perf/samples_per_s"})
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and self.cfg.data.val:
+                self.evaluate()
+        bar.close()
+        self.save_checkpoint()
+        metrics = self.evaluate() if self.cfg.data.val else None
+        self.export()
+        return metrics
+
+    # -------------------------------------------------------------------------------- eval, export
+    @contextlib.contextmanager
+    def _full_weights(self):
+        """Whole student weights on every rank (ZeRO-3 shards them; stages 1 and 2 hold them already)."""
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+                yield
+        else:
+            yield
+
+    def evaluate(self) -> dict[str, Any]:
+        from r2d2ds.data import load_retrieval_split
+        from r2d2ds.eval import evaluate, format_table, write_eval_json
+
+        if self._eval_split is None:
+            self._eval_split = load_retrieval_split(self.cfg.data.val, self.cfg.data.val_split, self.tokenizer,
+                                                    self.cfg.data.image_size, max_images=self.cfg.eval.max_images)
+        with self._autocast():
+            metrics = evaluate(self.engine.module.model, self._eval_split, self.cfg.eval, device=self.device)
+        self.engine.train()
+        flat = {f"eval/{stage}/{k}": v for stage in ("two_tower", "two_stage") for k, v in metrics[stage].items()}
+        self.logger.write({"step": self.step, **flat})
+        if rd.is_main_process():
+            metrics["step"] = self.step
+            write_eval_json(metrics, self.run_dir / "eval.json")
+            print(f"\nRetrieval on '{self.cfg.data.val_split}' at step {self.step} "
+                  f"({metrics['num_images']} images, {metrics['num_texts']} texts):")
+            print(format_table(metrics), flush=True)
+        return metrics
+
+    def export(self) -> None:
+        from r2d2ds.export import export_model
+
+        with self._full_weights():
+            if rd.is_main_process():
+                export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
+        rd.barrier()
+
+
+def configure_logging() -> None:
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

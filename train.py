@@ -1,0 +1,33 @@
+"""R2D2 pre-training: `deepspeed [--num_gpus N] train.py --config CONFIG.yaml [--section.key=value ...]`.
+
+parse -> build (data, model, EMA teacher, DeepSpeed engine) -> loop -> checkpoint -> retrieval eval -> export.
+The loop itself lives in r2d2ds/trainer.py; this file stays one screen.
+"""
+
+import argparse
+import sys
+
+import r2d2ds  # noqa: F401  (installs the CPU torchvision shim before timm/transformers load)
+from r2d2ds.config import ConfigError, load_config
+from r2d2ds.trainer import Trainer, configure_logging
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (sections: model, loss, data, train, eval)")
+    parser.add_argument("--resume", action="store_true", help="resume from the run directory's latest checkpoint")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides + (["--train.resume=true"] if args.resume else []))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    configure_logging()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
