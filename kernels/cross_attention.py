@@ -15,12 +15,16 @@ impl:
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 _IMPLS = ("auto", "triton", "torch", "reference")
+_LOG2E = 1.4426950408889634  # the kernels run the softmax in base 2: exp(x) = exp2(x * log2(e))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,6 +76,398 @@ def _cross_attention_torch(
     if bool(has_key.all()):  # host sync on a (B,) bool; skips the multiply in the common case
         return out
     return out * has_key[:, None, None, None].to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotune configs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries, BLOCK_N tiles keys. R2D2's lengths are
+# 64 text tokens and 197 / 257 image tokens, so small and medium tiles matter more than 128 x 128.
+_FWD_TILES = [
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3),
+    (128, 64, 8, 3), (128, 32, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2),
+]
+_DKDV_TILES = [  # per key block, looping over query blocks
+    (32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 2),
+    (16, 128, 4, 3),
+]
+_DQ_TILES = [  # per query block, looping over key blocks
+    (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2),
+]
+# The interpreter runs one program at a time in numpy: one mid-sized config, no tuning.
+_INTERPRET_TILE = (32, 64, 4, 1)
+
+
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list:
+    import triton
+
+    if _interpreting():
+        tiles = [_INTERPRET_TILE]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+def _max_shared_mem(device: torch.device) -> int:
+    try:
+        import triton
+
+        return int(triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"])
+    except Exception:  # older drivers / API drift: the A100 / H100 opt-in floor
+        return 160 * 1024
+
+
+def _pruner(smem_tiles):
+    """Early prune: tiles no larger than the next power of two of each length, and within shared memory.
+
+    `smem_tiles(BLOCK_M, BLOCK_N, stages)` counts the (rows, head_dim) tiles a config keeps in shared memory.
+    """
+
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        import triton
+
+        args = {**named_args, **kwargs}
+        lq, lk, block_d = args["Lq"], args["Lk"], args["BLOCK_D"]
+        elt = args["Q"].element_size()
+        limit = _max_shared_mem(args["Q"].device)
+        m_cap = max(16, triton.next_power_of_2(lq))
+        n_cap = max(16, triton.next_power_of_2(lk))
+        kept = [
+            c for c in configs
+            if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
+            and smem_tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) * block_d * elt <= limit
+        ]
+        # Never empty: the smallest tile always fits.
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+# Layout: q, o, do, dq contiguous (B*H, Lq, Dh); k, v, dk, dv contiguous (B*H, Lk, Dh); lse and delta fp32
+# (B*H, Lq); key mask uint8 (B, Lk). Dh is padded to BLOCK_D = next power of two >= 16 by masked loads (zeros
+# do not change a dot product). Scores live in base 2: s2 = (q . k) * scale * log2(e), so softmax uses exp2,
+# and LSE2 = m2 + log2(l) per row; a row with no valid key stores LSE2 = +inf so exp2(s2 - LSE2) = 0 later.
+# DOT_FP32 (interpreter only) upcasts tiles before tl.dot: the interpreter multiplies bf16 bits wrongly.
+# INPUT_PRECISION is "ieee" for fp32 inputs so the kernel matches fp32 PyTorch instead of rounding to tf32.
+
+
+@functools.cache
+def _triton_kernels() -> SimpleNamespace:
+    """Defines the kernels on first use, so importing this module never imports triton (the torch path works
+    without it) and TRITON_INTERPRET is read when the triton impl is first called."""
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(
+        configs=_configs(_FWD_TILES), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
+        prune_configs_by={"early_config_prune": _pruner(lambda m, n, st: m + 2 * n * st)},
+    )
+    @triton.jit
+    def _cross_attention_fwd_kernel(
+        Q, K, V, KeyMask, Out, Lse, qk_scale, H, Lq, Lk,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM  # int64: B*H*L*Dh passes 2^31 at large batch
+        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_in = offs_m < Lq
+        d_in = offs_d < HEAD_DIM
+        q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=row_in[:, None] & d_in[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of s2
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s2 - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(s2 - m_i) v
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_in = offs_n < Lk
+            key_ok = key_in
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
+            kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            kv_in = key_in[:, None] & d_in[None, :]
+            k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no valid key so far has m_new = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)  # rescales the old sums to the new max
+            p = tl.math.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            m_i = m_new
+
+        has_key = l_i > 0.0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        out = acc / l_safe[:, None]  # rows with no valid key: acc = 0, so 0
+        lse = tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_in)
+        tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+
+    @triton.jit
+    def _cross_attention_bwd_preprocess(
+        Out, DOut, Delta, Lq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-backward term shared by dq and dk.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_in = offs_m < Lq
+        off = pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        io_mask = row_in[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(Out + off, mask=io_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DOut + off, mask=io_mask, other=0.0).to(tl.float32)
+        tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=row_in)
+
+    @triton.autotune(
+        configs=_configs(_DKDV_TILES), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
+        prune_configs_by={"early_config_prune": _pruner(lambda m, n, st: 2 * n + 2 * m * st)},
+    )
+    @triton.jit
+    def _cross_attention_bwd_dkdv_kernel(
+        Q, K, V, KeyMask, DOut, Lse, Delta, DK, DV, sm_scale, qk_scale, H, Lq, Lk,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # One program per key block: dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij q_i, with
+        # P^T recomputed from the saved LSE and dS = P * (dP - delta). Transposed (keys x queries) tiles.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM
+        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
+        row_base = pid_bh.to(tl.int64) * Lq
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        key_in = offs_n < Lk
+        d_in = offs_d < HEAD_DIM
+        key_ok = key_in
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
+        kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_in = key_in[:, None] & d_in[None, :]
+        k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + kv_off, mask=kv_in, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_in = offs_m < Lq
+            q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            q_in = row_in[:, None] & d_in[None, :]
+            q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
+            do = tl.load(DOut + q_off, mask=q_in, other=0.0)
+            if DOT_FP32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            # Rows past Lq load LSE = +inf, so their P is exactly 0.
+            lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
+            delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            # Masked keys may score above LSE (exp2 -> inf): select 0 rather than multiply, so no NaN.
+            p_t = tl.where(key_ok[:, None], tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+
+        # Masked and padded keys never entered a softmax: p_t = 0 gives them exact zero gradients.
+        tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_in)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_in)
+
+    @triton.autotune(
+        configs=_configs(_DQ_TILES), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
+        prune_configs_by={"early_config_prune": _pruner(lambda m, n, st: 2 * m + 2 * n * st)},
+    )
+    @triton.jit
+    def _cross_attention_bwd_dq_kernel(
+        Q, K, V, KeyMask, DOut, Lse, Delta, DQ, sm_scale, qk_scale, H, Lq, Lk,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # One program per query block: dQ_i = scale * sum_j dS_ij k_j. A separate kernel from dK/dV so neither
+        # needs atomics, and each side gets its own tile shape (Lq and Lk differ).
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM
+        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
+        row_base = pid_bh.to(tl.int64) * Lq
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_in = offs_m < Lq
+        d_in = offs_d < HEAD_DIM
+        q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q_in = row_in[:, None] & d_in[None, :]
+        q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DOut + q_off, mask=q_in, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
+        delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_in = offs_n < Lk
+            key_ok = key_in
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
+            kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            kv_in = key_in[:, None] & d_in[None, :]
+            k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + kv_off, mask=kv_in, other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+
+        tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
+
+    return SimpleNamespace(
+        fwd=_cross_attention_fwd_kernel, preprocess=_cross_attention_bwd_preprocess,
+        dkdv=_cross_attention_bwd_dkdv_kernel, dq=_cross_attention_bwd_dq_kernel,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PREPROCESS_BLOCK_M = 64
+
+
+def _check_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> int:
+    """Asserts the kernels' preconditions; returns BLOCK_D."""
+    _check_inputs(q, k, v, key_mask)
+    assert q.dtype in _KERNEL_DTYPES, f"triton cross_attention takes fp32 / bf16 / fp16, got {q.dtype}"
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), "q, k, v must be contiguous"
+    assert q.device == k.device == v.device, f"q, k, v on different devices: {q.device} {k.device} {v.device}"
+    if key_mask is not None:
+        assert key_mask.is_contiguous() and key_mask.device == q.device, "key_mask: contiguous, on q's device"
+    assert q.is_cuda or _interpreting(), (
+        "impl='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported"
+    )
+    head_dim = q.shape[-1]
+    assert 1 <= head_dim <= 256, f"head dim {head_dim} unsupported by the triton kernel (1..256)"
+    return max(16, 1 << (head_dim - 1).bit_length())  # tl.dot needs a power of two >= 16
+
+
+def _cross_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel: returns out (B, H, Lq, Dh) in q's dtype and the base-2 row LSE (B, H, Lq) fp32.
+
+    `out` / `lse` may be given (tests pass NaN-filled buffers to prove every element is written)."""
+    block_d = _check_launch(q, k, v, key_mask)
+    B, H, Lq, Dh = q.shape
+    Lk = k.shape[2]
+    out = torch.empty_like(q) if out is None else out  # (B, H, Lq, Dh)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32) if lse is None else lse
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32 and lse.is_contiguous()
+    kern = _triton_kernels()
+    mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q  # unread when HAS_MASK is False
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    kern.fwd[grid](
+        q, k, v, mask_arg, out, lse, scale * _LOG2E, H, Lq, Lk,
+        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_interpreting(),
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out, lse
+
+
+def _cross_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    key_mask: torch.Tensor | None, scale: float,
+    dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward (FlashAttention-2): delta pre-pass, then dK/dV per key block and dQ per query block."""
+    block_d = _check_launch(q, k, v, key_mask)
+    B, H, Lq, Dh = q.shape
+    Lk = k.shape[2]
+    assert do.shape == q.shape and do.dtype == q.dtype and do.is_contiguous(), "dO must match q, contiguous"
+    assert out.shape == q.shape and lse.shape == (B, H, Lq) and lse.dtype == torch.float32
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    for g, ref in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == ref.shape and g.dtype == ref.dtype and g.is_contiguous()
+    kern = _triton_kernels()
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # (B, H, Lq)
+    kern.preprocess[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B * H)](
+        out, do, delta, Lq, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
+    mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q
+    common = dict(
+        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_interpreting(),
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    kern.dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+        q, k, v, mask_arg, do, lse, delta, dk, dv, scale, scale * _LOG2E, H, Lq, Lk, **common,
+    )
+    kern.dq[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+        q, k, v, mask_arg, do, lse, delta, dq, scale, scale * _LOG2E, H, Lq, Lk, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _CrossAttentionTriton(torch.autograd.Function):
+    """Saves q, k, v, out and the fp32 row LSE (B, H, Lq); never the Lq x Lk probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        key_mask = key_mask.contiguous() if key_mask is not None else None
+        out, lse = _cross_attention_fwd(q, k, v, key_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = _cross_attention_bwd(do.contiguous(), q, k, v, out, lse, key_mask, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,4 +523,4 @@ def cross_attention(
         return cross_attention_reference(q, k, v, key_mask, scale)
     if impl == "torch":
         return _cross_attention_torch(q, k, v, key_mask, scale)
-    raise NotImplementedError("impl='triton' is not built yet; use impl='torch'")
+    return _CrossAttentionTriton.apply(q, k, v, key_mask, scale)
