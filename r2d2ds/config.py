@@ -142,7 +142,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
-        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "must be in [0, train.steps]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 (runs shorter than it stay in warm-up)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(self.optimizer in ("ds_config", "torch_adamw"), "train.optimizer",
                "must be 'ds_config' or 'torch_adamw'")
