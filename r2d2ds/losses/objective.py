@@ -1,0 +1,97 @@
+"""The R2D2 pre-training objective: the module DeepSpeed's engine wraps.
+
+Everything (towers, teacher pass, cross encoders, every loss) runs inside `R2D2Pretraining.forward`, so
+ZeRO-3's per-module parameter gathering sees every use. Weights (LossConfig):
+
+  total = (1 - a) * gcpr_weight * gcpr + a * tgd_weight * tgd + fgr_weight * fgr + fgd_weight * fgd
+          + mlm_weight * mlm
+  with a = tgd_alpha when TgD runs (a teacher is given, tgd_alpha > 0, tgd_weight > 0), else a = 0.
+
+A term whose weight is 0 (or that needs a missing teacher) is not computed and logged as 0. The student's
+masked-text pass is shared by MLM and FgD.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from r2d2ds.config import LossConfig, ModelConfig
+from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
+from r2d2ds.losses.distill import fgd_loss
+from r2d2ds.losses.fgr import fgr_loss
+from r2d2ds.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
+from r2d2ds.models.r2d2 import R2D2
+
+TERMS = ("gcpr", "tgd", "fgr", "fgd", "mlm")
+
+
+class R2D2Pretraining(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int, pad_token_id: int,
+                 mask_token_id: int, special_token_ids: list[int]) -> None:
+        super().__init__()
+        self.model = R2D2(model_cfg, vocab_size, pad_token_id)
+        self.model_cfg = model_cfg
+        self.loss_cfg = loss_cfg
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+        # Pad is never a target either (also excluded through the attention mask).
+        self.special_token_ids = sorted(set(special_token_ids) | {pad_token_id})
+
+    def forward(self, batch: dict, teacher: R2D2 | None, seed: int) -> dict[str, Tensor]:
+        lc, impl = self.loss_cfg, self.model_cfg.contrastive_impl
+        model = self.model
+        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        labels = batch.get("image_id")
+        gen = torch.Generator(device=ids.device).manual_seed(int(seed))
+
+        use_tgd = teacher is not None and lc.tgd_alpha > 0 and lc.tgd_weight > 0
+        use_fgd = teacher is not None and lc.fgd_weight > 0
+        use_mlm = lc.mlm_weight > 0
+        a = lc.tgd_alpha if use_tgd else 0.0
+
+        img_tokens, img_emb = model.encode_image(image)  # (B, N, Wi), (B, D)
+        txt_tokens, txt_emb = model.encode_text(ids, mask)  # (B, L, Wt), (B, D)
+        scale = model.logit_scale()  # 0-dim fp32
+
+        zero = scale.new_zeros(())
+        terms = dict.fromkeys(TERMS, zero)
+        acc = zero
+
+        if use_tgd or use_fgd:
+            with torch.no_grad():  # teacher in eval mode, no gradient
+                t_img_tokens, t_img_emb = teacher.encode_image(image)
+                t_txt_tokens, t_txt_emb = teacher.encode_text(ids, mask)
+
+        if lc.gcpr_weight > 0:
+            terms["gcpr"] = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl)
+        if use_tgd:
+            terms["tgd"] = tgd_loss(img_emb, txt_emb, scale, labels, t_img_emb, t_txt_emb, impl=impl)
+
+        if use_mlm or use_fgd:
+            # Masking before negative sampling: the generator's draws are in a fixed order (reproducible).
+            masked_ids, mlm_labels = mask_tokens(ids, mask, lc.mlm_probability, self.mask_token_id,
+                                                 self.vocab_size, self.special_token_ids, gen)
+            m_txt_tokens, _ = model.encode_text(masked_ids, mask)
+            m_hidden = model.text_query(m_txt_tokens, mask, img_tokens)  # (B, L, W)
+            if use_mlm:
+                sel = mlm_labels != IGNORE_INDEX  # (B, L)
+                # Decode only the masked positions (~15%): saves the (B, L, vocab) logits. Boolean indexing is
+                # a host sync (nonzero), once per step.
+                terms["mlm"] = mlm_loss(model.mlm_logits(m_hidden[sel]), mlm_labels[sel])
+            if use_fgd:
+                with torch.no_grad():
+                    t_hidden = teacher.text_query(t_txt_tokens, mask, t_img_tokens)  # full text
+                terms["fgd"] = fgd_loss(m_hidden, t_hidden, mask)
+
+        if lc.fgr_weight > 0:
+            terms["fgr"], acc = fgr_loss(model, img_tokens, txt_tokens, mask, img_emb, txt_emb, scale, labels,
+                                         gen, lc.fgr_class_weights, impl=impl)
+
+        total = ((1.0 - a) * lc.gcpr_weight * terms["gcpr"] + a * lc.tgd_weight * terms["tgd"]
+                 + lc.fgr_weight * terms["fgr"] + lc.fgd_weight * terms["fgd"] + lc.mlm_weight * terms["mlm"])
+        out = {"loss": total.float()}
+        out.update({f"loss/{k}": v.detach().float() for k, v in terms.items()})
+        out["acc/itm"] = acc.detach().float()
+        out["logit_scale"] = scale.detach().float()
+        return out
