@@ -1,0 +1,209 @@
+"""cross_attention: the Triton kernels and the SDPA path against a float64 reference (DESIGN.md section 4).
+
+On CPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a CUDA
+machine the same tests run natively, with fp16 added.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from r2d2ds.kernels import cross_attention
+from r2d2ds.kernels.cross_attention import (
+    _cross_attention_bwd,
+    _cross_attention_fwd,
+    cross_attention_reference,
+)
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+# bf16 in the interpreter is correct because the kernels upcast tiles before tl.dot there; fp16 adds nothing
+# on CPU that bf16 does not, so it runs on CUDA only.
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if ON_CUDA else [])
+# Per-dtype absolute slack on top of 2x the same-dtype PyTorch error (relative to the reference's magnitude).
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+TOL_NAMES = ("out", "dq", "dk", "dv")
+
+# (B, H, Lq, Lk, Dh): the issue's shapes (text-query over 257 image tokens, image-query over 33 text tokens,
+# tiny odd lengths at Dh 128) plus a head dim that is not a power of two (padded inside the kernel).
+SHAPES = [(2, 3, 64, 257, 64), (1, 2, 257, 33, 32), (3, 1, 5, 7, 128), (2, 2, 17, 40, 24)]
+MASKS = ["none", "padding", "holes_and_empty"]
+
+
+def _make_mask(kind: str, B: int, Lk: int, gen: torch.Generator) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "padding":  # text padding: a random valid prefix per batch element, at least one key
+        lengths = torch.randint(1, Lk + 1, (B,), generator=gen)
+        return torch.arange(Lk)[None, :] < lengths[:, None]  # (B, Lk)
+    if kind == "holes_and_empty":  # random holes anywhere; batch element 0 has no valid key at all
+        mask = torch.rand(B, Lk, generator=gen) > 0.4
+        mask[:, -1] = True
+        mask[0] = False
+        return mask
+    raise ValueError(kind)
+
+
+def _inputs(shape, dtype, mask_kind, seed=0):
+    B, H, Lq, Lk, Dh = shape
+    gen = torch.Generator().manual_seed(seed)
+    # q scaled up so rows are peaky and the online softmax's rescaling matters.
+    q = 1.5 * torch.randn(B, H, Lq, Dh, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, H, Lk, Dh, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, H, Lk, Dh, generator=gen, dtype=torch.float64)
+    do = torch.randn(B, H, Lq, Dh, generator=gen, dtype=torch.float64)
+    mask = _make_mask(mask_kind, B, Lk, gen)
+    # Round once to the test dtype so the reference sees exactly the kernel's inputs.
+    q, k, v, do = (t.to(dtype).to(DEVICE) for t in (q, k, v, do))
+    return q, k, v, do, (mask.to(DEVICE) if mask is not None else None)
+
+
+def _run(impl, q, k, v, do, mask, scale=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = cross_attention(*leaves, key_mask=mask, scale=scale, impl=impl)
+    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
+    return (out, *grads)
+
+
+def _reference(q, k, v, do, mask, scale=None):
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    out = cross_attention_reference(*leaves, key_mask=mask, scale=scale)
+    grads = torch.autograd.grad(out, leaves, do.to(torch.float64))
+    return (out, *grads)
+
+
+def _err(x, ref):
+    return (x.to(torch.float64) - ref).abs().max().item()
+
+
+def _assert_close_as_torch(got, torch_got, ref, dtype, what):
+    for name, g, t, r in zip(TOL_NAMES, got, torch_got, ref):
+        assert torch.isfinite(g).all(), f"{what}: {name} has non-finite values"
+        assert g.dtype == dtype, f"{what}: {name} dtype {g.dtype}"
+        err, torch_err = _err(g, r), _err(t, r)
+        bound = 2 * torch_err + ATOL[dtype] * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{what}: {name} error {err:.3g} > {bound:.3g} (torch error {torch_err:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_matches_reference_within_torch_error(shape, mask_kind, dtype):
+    q, k, v, do, mask = _inputs(shape, dtype, mask_kind)
+    ref = _reference(q, k, v, do, mask)
+    torch_got = _run("torch", q, k, v, do, mask)
+    got = _run("triton", q, k, v, do, mask)
+    _assert_close_as_torch(got, torch_got, ref, dtype, f"triton {shape} {mask_kind}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_torch_path_matches_reference(mask_kind, dtype):
+    shape = (2, 3, 33, 70, 32)
+    q, k, v, do, mask = _inputs(shape, dtype, mask_kind, seed=1)
+    ref = _reference(q, k, v, do, mask)
+    got = _run("torch", q, k, v, do, mask)
+    # The torch path is the baseline itself: hold it to the per-dtype slack plus one rounding of the output.
+    for name, g, r in zip(TOL_NAMES, got, ref):
+        assert torch.isfinite(g).all(), name
+        bound = ATOL[dtype] * max(1.0, r.abs().max().item())
+        if dtype != torch.float32:
+            bound += torch.finfo(dtype).eps * r.abs().max().item()
+        assert _err(g, r) <= bound, f"torch {name}: {_err(g, r):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
+def test_fully_masked_rows_give_zero_output_and_zero_gradient(impl):
+    q, k, v, do, mask = _inputs((3, 2, 9, 20, 32), torch.float32, "holes_and_empty", seed=2)
+    mask[2] = False  # two batch elements with no valid key
+    out, dq, dk, dv = _run(impl, q, k, v, do, mask)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    empty = ~mask.any(dim=1)  # (B,)
+    assert empty.tolist() == [True, False, True]
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+    assert (dk[empty] == 0).all() and (dv[empty] == 0).all()
+    # Masked keys of the other elements get exactly zero gradient too; the valid ones do not.
+    masked_keys = ~mask[~empty]  # (B', Lk)
+    assert (dk[~empty].permute(0, 2, 1, 3)[masked_keys] == 0).all()
+    assert (dv[~empty].permute(0, 2, 1, 3)[masked_keys] == 0).all()
+    assert dv[~empty].abs().sum() > 0 and out[~empty].abs().sum() > 0
+
+
+def test_every_output_element_is_written():
+    """Launch into NaN-filled buffers: any element a kernel forgets to store stays NaN."""
+    shape = (2, 2, 37, 70, 64)
+    q, k, v, do, mask = _inputs(shape, torch.float32, "holes_and_empty", seed=3)
+    B, H, Lq, Lk, Dh = shape
+    scale = Dh**-0.5
+    nan = float("nan")
+    out = torch.full_like(q, nan)
+    lse = torch.full((B, H, Lq), nan, device=DEVICE)
+    _cross_attention_fwd(q, k, v, mask, scale, out=out, lse=lse)
+    dq, dk, dv = (torch.full_like(t, nan) for t in (q, k, v))
+    _cross_attention_bwd(do, q, k, v, out, lse, mask, scale, dq=dq, dk=dk, dv=dv)
+    ref = _reference(q, k, v, do, mask)
+    for name, got, r in zip(TOL_NAMES, (out, dq, dk, dv), ref):
+        assert not torch.isnan(got).any(), f"{name} has unwritten (NaN) elements"
+        assert _err(got, r) < 1e-4, name
+    # The saved LSE is the base-2 log-sum-exp of the scaled scores; +inf marks rows with no valid key.
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse_ref = torch.logsumexp(s, dim=-1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    empty = ~mask.any(dim=1)
+    assert torch.isinf(lse[empty]).all() and (lse[empty] > 0).all()
+    torch.testing.assert_close(lse[~empty].double(), lse_ref[~empty], rtol=0, atol=1e-5)
+
+
+def test_non_contiguous_inputs_and_custom_scale():
+    """Heads split from a (B, L, H, Dh) projection arrive as strided views; the functional API takes them."""
+    B, H, Lq, Lk, Dh = 2, 3, 12, 30, 32
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, Lq, H, Dh, generator=gen).to(DEVICE).transpose(1, 2)  # (B, H, Lq, Dh), strided
+    kv = torch.randn(B, Lk, 2, H, Dh, generator=gen).to(DEVICE)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, Lk, Dh), strided
+    assert not q.is_contiguous() and not k.is_contiguous()
+    do = torch.randn(B, H, Lq, Dh, generator=gen).to(DEVICE)
+    mask = _make_mask("padding", B, Lk, gen).to(DEVICE)
+    ref = _reference(q, k, v, do, mask, scale=0.3)
+    got = _run("triton", q, k, v, do, mask, scale=0.3)
+    torch_got = _run("torch", q, k, v, do, mask, scale=0.3)
+    _assert_close_as_torch(got, torch_got, ref, torch.float32, "strided, scale 0.3")
+
+
+def test_auto_picks_triton_on_cuda_only(monkeypatch):
+    # The package re-exports the function under the module's name, so fetch the module itself.
+    mod = importlib.import_module("r2d2ds.kernels.cross_attention")
+
+    calls = []
+    real_apply = mod._CrossAttentionTriton.apply
+
+    def spy(*args):
+        calls.append(1)
+        return real_apply(*args)
+
+    monkeypatch.setattr(mod._CrossAttentionTriton, "apply", spy)
+    q, k, v, _, mask = _inputs((1, 2, 8, 16, 32), torch.float32, "padding", seed=5)
+    out = cross_attention(q, k, v, key_mask=mask)
+    assert len(calls) == (1 if ON_CUDA else 0)
+    torch.testing.assert_close(out, cross_attention(q, k, v, key_mask=mask, impl="torch"), rtol=0, atol=1e-5)
+
+
+def test_bad_arguments_are_refused():
+    q, k, v, _, mask = _inputs((2, 2, 8, 16, 32), torch.float32, "padding", seed=6)
+    with pytest.raises(ValueError, match="impl"):
+        cross_attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="key_mask"):
+        cross_attention(q, k, v, key_mask=mask.float())
+    with pytest.raises(ValueError, match="key_mask"):
+        cross_attention(q, k, v, key_mask=mask[:, :-1])
+    with pytest.raises(ValueError, match="k, v"):
+        cross_attention(q, k[..., :16], v[..., :16])
+    with pytest.raises(ValueError, match="dtype"):
+        cross_attention(q, k.double(), v)
+    with pytest.raises(AssertionError, match="fp32 / bf16 / fp16"):
+        cross_attention(q.double(), k.double(), v.double(), impl="triton")
