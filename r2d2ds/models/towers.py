@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 from typing import Any
 
 import torch
@@ -35,6 +36,12 @@ def _load_state_dict(path: str) -> dict[str, Tensor]:
     return sd
 
 
+def _features_and_pooled(body: nn.Module, image: Tensor) -> tuple[Tensor, Tensor]:
+    """Bound as the timm model's forward: (forward_features output, forward_head(pre_logits=True))."""
+    feats = body.forward_features(image)
+    return feats, body.forward_head(feats, pre_logits=True)
+
+
 class ImageTower(nn.Module):
     """timm model -> (tokens (B, N, W) with the CLS/pooled token first, pooled (B, W_pool))."""
 
@@ -52,6 +59,10 @@ class ImageTower(nn.Module):
             if missing or unexpected:
                 raise ValueError(f"model.image_checkpoint {cfg.image_checkpoint!r} does not fit "
                                  f"{cfg.image_model!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # Tokens and pooled vector come out of ONE call of the timm module (its own forward replaced on this
+        # instance): ZeRO-3 gathers a module's direct parameters (a ViT's cls_token, pos_embed) in its forward
+        # pre-hook, which calling forward_features() directly would bypass. deepcopy rebinds the method.
+        self.body.forward = types.MethodType(_features_and_pooled, self.body)
         # ViTs with a class token already put it first; others (avg-pooled ViTs, CNNs) get the pooled vector
         # prepended so that "first token" always means a summary token for the image-query ITM head.
         self.has_cls = getattr(self.body, "cls_token", None) is not None
@@ -61,8 +72,7 @@ class ImageTower(nn.Module):
         self.pooled_width = int(getattr(self.body, "head_hidden_size", None) or self.body.num_features)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        feats = self.body.forward_features(image)
-        pooled = self.body.forward_head(feats, pre_logits=True)  # (B, W_pool)
+        feats, pooled = self.body(image)  # (B, N, W) or (B, C, H, W); (B, W_pool)
         if feats.dim() == 4:  # CNN feature map (B, C, H, W) -> tokens (B, H*W, C)
             feats = feats.flatten(2).transpose(1, 2)
         if not self.has_cls:
