@@ -1,0 +1,407 @@
+"""Two-stage retrieval evaluation (pre-rank with the towers, re-rank the top-k with both cross encoders).
+
+Protocol as released (yuxie11/R2D2): sim = cosine(f_I, f_T) (no logit scale); for every query the top-k
+candidates by sim are re-scored with score = sim + (p_itm_text_query + p_itm_image_query) / 2, where p is the
+softmax probability of class 1 (match); everything outside the top-k keeps its pre-rank order below the
+re-ranked ones. k = min(topk, #candidates). Reported as Recall@1/5/10 for text->image and image->text (an
+image counts as found when ANY of its captions is in the top K, the Flickr/COCO protocol) and their mean (MR),
+for the two-tower stage alone and for the two stages, as percentages.
+
+Several ranks: every rank holds the same split; rank r embeds its contiguous slice of images and texts, and
+embeddings and tokens are all-gathered so every rank has the full similarity matrix and every candidate's
+tokens. Re-ranking is split by query slices and only the per-query hit positions are gathered. Under ZeRO-3 a
+module's parameters are gathered collectively in its forward hooks, so every rank makes the same number of
+forward calls of every module: slices are padded to the same number of full batches (the last row repeated,
+its result dropped).
+
+Memory: all image tokens (N, N_tok, W_img) and text tokens (T, L, W_txt) are kept on the compute device,
+because every one of them is somebody's candidate and recomputing tokens per pair would cost k tower passes
+per query.
+For Flickr30k-CN/COCO-CN test splits with ViT-L that is a few GiB.
+
+Command: `python -m r2d2ds.eval --model EXPORT_DIR --data SPEC [--split val] [--topk K] [--batch-size N]
+[--max-images N] [--out eval.json]`; under torchrun/deepspeed with WORLD_SIZE > 1 it joins the process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from r2d2ds.config import EvalConfig
+from r2d2ds.distributed import all_gather_variable, get_rank, get_world_size, is_main_process
+
+RECALL_KS = (1, 5, 10)
+METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("mr",)
+
+# (txt_idx (P,), img_idx (P,)) int64 -> (P,) fp32 mean ITM match probability of each (text, image) pair.
+PairScorer = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Ranking:
+    """Rankings of a block of queries over all candidates (text queries over images, or the reverse)."""
+
+    pre_order: Tensor  # (Q, C) int64 candidate indices by sim, best first (stable: ties by index)
+    order: Tensor  # (Q, C) int64 two-stage order: re-ranked top-k first, then the rest in pre-rank order
+    scores: Tensor  # (Q, C) fp32: sim + mean ITM prob on the top-k, plain sim elsewhere (always below them)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Re-ranking: one code path for eval and for r2d2ds.api's rank().
+
+
+def _pre_rank(sim_q: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """(Q, C) sim -> pre-order (Q, C) and the top-k candidates (Q, k). Stable sort: ties go to the lower
+    index, so a sharded run and a single-process run order identical rows identically."""
+    pre_order = torch.sort(sim_q, dim=1, descending=True, stable=True).indices
+    k = min(topk, sim_q.shape[1])
+    return pre_order, pre_order[:, :k]
+
+
+def _apply(sim_q: Tensor, pre_order: Tensor, cand: Tensor, prob: Tensor) -> Ranking:
+    """Re-order the top-k `cand` (Q, k) by sim + prob (Q, k); the rest keeps its pre-rank order below them.
+
+    sim + prob >= sim_kth >= any sim outside the top-k because prob >= 0, so `scores` orders like `order`
+    (up to exact ties at prob == 0); `order` is built explicitly so that ties cannot break the rule.
+    """
+    k = cand.shape[1]
+    new = sim_q.gather(1, cand) + prob  # (Q, k)
+    perm = torch.sort(new, dim=1, descending=True, stable=True).indices
+    order = torch.cat([cand.gather(1, perm), pre_order[:, k:]], dim=1)
+    scores = sim_q.clone().scatter_(1, cand, new)
+    return Ranking(pre_order=pre_order, order=order, scores=scores)
+
+
+def rerank(sim: Tensor, topk: int, score_pairs: PairScorer, text_rows: slice | None = None,
+           image_rows: slice | None = None) -> tuple[Ranking, Ranking]:
+    """Two-stage ranking of the text queries in `text_rows` (over all images) and of the image queries in
+    `image_rows` (over all texts).
+
+    sim: (N_img, T) cosine similarities of ALL images and texts. `score_pairs` gets every (text, image)
+    pair among the candidates once (a pair that is a candidate in both directions is scored once: both ITM
+    heads see the same pair either way) and returns the mean ITM match probability. Returns (t2i, i2t)
+    Rankings whose rows are the queries of the slices, in order.
+    """
+    sim = sim.float()
+    n_img, n_txt = sim.shape
+    text_rows = text_rows if text_rows is not None else slice(0, n_txt)
+    image_rows = image_rows if image_rows is not None else slice(0, n_img)
+    txt_q = torch.arange(n_txt, device=sim.device)[text_rows]  # (Qt,) global text ids of the text queries
+    img_q = torch.arange(n_img, device=sim.device)[image_rows]  # (Qi,)
+    sim_t2i = sim.t()[text_rows]  # (Qt, N_img)
+    sim_i2t = sim[image_rows]  # (Qi, T)
+    pre_t2i, cand_t2i = _pre_rank(sim_t2i, topk)  # cand_t2i: image ids (Qt, kt)
+    pre_i2t, cand_i2t = _pre_rank(sim_i2t, topk)  # cand_i2t: text ids (Qi, ki)
+
+    # Every candidate pair as (text, image); deduplicate across the two directions.
+    pair_txt = torch.cat([txt_q[:, None].expand_as(cand_t2i).reshape(-1), cand_i2t.reshape(-1)])
+    pair_img = torch.cat([cand_t2i.reshape(-1), img_q[:, None].expand_as(cand_i2t).reshape(-1)])
+    keys, inverse = torch.unique(pair_txt * n_img + pair_img, return_inverse=True)
+    prob = score_pairs(keys // n_img, keys % n_img).float().to(sim.device)[inverse]  # (P,)
+    n_t2i = cand_t2i.numel()
+    t2i = _apply(sim_t2i, pre_t2i, cand_t2i, prob[:n_t2i].view_as(cand_t2i))
+    i2t = _apply(sim_i2t, pre_i2t, cand_i2t, prob[n_t2i:].view_as(cand_i2t))
+    return t2i, i2t
+
+
+def _padded_batches(n: int, batch_size: int, num_batches: int,
+                    device: torch.device) -> list[tuple[Tensor, int]]:
+    """`num_batches` index batches of exactly `batch_size` over range(n): past the end the last index
+    repeats (index 0 when n == 0) so every rank runs the same forward calls; each comes with its count of
+    real rows."""
+    out = []
+    for b in range(num_batches):
+        start = b * batch_size
+        idx = torch.arange(start, start + batch_size, device=device)
+        valid = max(0, min(batch_size, n - start))
+        out.append((idx.clamp_(max=max(n - 1, 0)), valid))
+    return out
+
+
+def _lockstep_batches(n: int, batch_size: int, group=None) -> int:
+    """Number of batches every rank of `group` runs: the max over ranks of ceil(n / batch_size)."""
+    mine = math.ceil(n / batch_size)
+    if get_world_size(group) == 1:
+        return mine
+    t = torch.tensor([mine], dtype=torch.long, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())  # host sync: the loop length below depends on it
+
+
+def itm_scorer(model: nn.Module, img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, batch_size: int,
+               lockstep: bool = False, group=None) -> PairScorer:
+    """PairScorer from the model's two ITM heads: (softmax(tq)[:, 1] + softmax(iq)[:, 1]) / 2 per pair.
+
+    With `lockstep`, batches are padded to exactly `batch_size` pairs and every rank of `group` runs the same
+    number of them (ZeRO-3; see the module docstring).
+    """
+
+    def score(txt_idx: Tensor, img_idx: Tensor) -> Tensor:
+        device = img_tokens.device
+        txt_idx, img_idx = txt_idx.to(device), img_idx.to(device)
+        n = txt_idx.numel()
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        if lockstep:
+            batches = _padded_batches(n, batch_size, _lockstep_batches(n, batch_size, group), device)
+        else:
+            batches = [(torch.arange(s, min(s + batch_size, n), device=device), min(batch_size, n - s))
+                       for s in range(0, n, batch_size)]
+        for pos, valid in batches:
+            if n == 0:  # this rank has no pair but must still take part in the forward (ZeRO-3)
+                ti = torch.zeros_like(pos)
+                ii = torch.zeros_like(pos)
+            else:
+                ti, ii = txt_idx[pos], img_idx[pos]
+            tq, iq = model.itm_logits(img_tokens[ii], txt_tokens[ti], txt_mask[ti])
+            p = (tq.float().softmax(-1)[:, 1] + iq.float().softmax(-1)[:, 1]) / 2
+            out[pos[:valid]] = p[:valid]
+        return out
+
+    return score
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recall.
+
+
+def hit_positions_t2i(order: Tensor, gt_image: Tensor) -> Tensor:
+    """order (Q, N_img) image ids per text query, gt_image (Q,) -> (Q,) 0-based position of the own image."""
+    hit = order == gt_image[:, None]
+    return hit.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
+
+
+def hit_positions_i2t(order: Tensor, image_ids: Tensor, text_to_image: Tensor) -> Tensor:
+    """order (Q, T) text ids per image query -> (Q,) position of the image's first caption, -1 if none."""
+    hit = text_to_image[order] == image_ids[:, None]  # (Q, T)
+    pos = hit.to(torch.uint8).argmax(dim=1)
+    return torch.where(hit.any(dim=1), pos, torch.full_like(pos, -1))
+
+
+def recalls(t2i_pos: Tensor, i2t_pos: Tensor, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Recall@K in percent from hit positions; i2t queries with position -1 (no caption) are left out. MR is
+    the mean of all the recalls."""
+    out: dict[str, float] = {}
+    i2t_pos = i2t_pos[i2t_pos >= 0]
+    for name, pos in (("t2i", t2i_pos), ("i2t", i2t_pos)):
+        for k in ks:
+            out[f"{name}_r{k}"] = 100.0 * (pos < k).double().mean().item() if pos.numel() else 0.0
+    out["mr"] = sum(out.values()) / len(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def shard(n: int, world: int, rank: int) -> slice:
+    """Contiguous slice of range(n) for `rank`: the first n % world ranks get one row more."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def _comm_device(group=None) -> torch.device:
+    backend = dist.get_backend(group) if get_world_size(group) > 1 else "gloo"
+    # NCCL moves only CUDA tensors; gloo only CPU ones.
+    if "nccl" in str(backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _encode_all(encode: Callable[[Tensor], tuple[Tensor, Tensor]], n: int, batch_size: int,
+                device: torch.device, group=None) -> tuple[Tensor, Tensor]:
+    """Run `encode(idx)` over this rank's slice of range(n) in lockstep batches and all-gather (tokens, emb)
+    of every row, so each rank ends with all n rows in global order."""
+    world, rank = get_world_size(group), get_rank(group)
+    slices = [shard(n, world, r) for r in range(world)]
+    mine = slices[rank]
+    n_mine = mine.stop - mine.start
+    num_batches = math.ceil(max(s.stop - s.start for s in slices) / batch_size)  # same on every rank
+    tokens = emb = None
+    comm = _comm_device(group)
+    for b, (idx, valid) in enumerate(_padded_batches(n_mine, batch_size, num_batches, torch.device("cpu"))):
+        # An empty slice (n < world) encodes row 0 and keeps nothing: it still joins the forward (ZeRO-3).
+        tok_b, emb_b = encode(idx + mine.start if n_mine else torch.zeros_like(idx))
+        tok_all = all_gather_variable(tok_b[:valid].to(comm), group)  # rank-major rows of batch b
+        emb_all = all_gather_variable(emb_b[:valid].to(comm), group)
+        if tokens is None:
+            tokens = tok_b.new_empty((n, *tok_b.shape[1:]), device=device)
+            emb = emb_b.new_empty((n, *emb_b.shape[1:]), device=device)
+        # Batch b of rank r holds rows s_r.start + b*bs ... of its slice; place them at their global index.
+        dst = torch.cat([torch.arange(s.start + b * batch_size,
+                                      min(s.stop, s.start + (b + 1) * batch_size)) for s in slices])
+        tokens[dst.to(device)] = tok_all.to(device)
+        emb[dst.to(device)] = emb_all.to(device)
+    return tokens, emb
+
+
+def evaluate(model: nn.Module, split: Any, eval_cfg: EvalConfig, device: torch.device | str | None = None,
+             group=None) -> dict[str, Any]:
+    """Two-tower and two-stage Recall@1/5/10 (percent) of `model` (an R2D2) on a retrieval split.
+
+    `split` has images (N, 3, H, W) float, input_ids / attention_mask (T, L) and text_to_image (T,) int64.
+    Every rank of `group` must call this with the same split; all get the same metrics.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    world, rank = get_world_size(group), get_rank(group)
+    images, input_ids, attention_mask = split.images, split.input_ids, split.attention_mask
+    text_to_image = torch.as_tensor(split.text_to_image, dtype=torch.long)
+    n_img, n_txt = int(images.shape[0]), int(input_ids.shape[0])
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"retrieval split is empty ({n_img} images, {n_txt} texts)")
+    if text_to_image.shape[0] != n_txt or int(text_to_image.max()) >= n_img or int(text_to_image.min()) < 0:
+        raise ValueError("split.text_to_image must give, for every text, the index of its image")
+    bs = eval_cfg.batch_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            img_tok, img_emb = _encode_all(lambda i: model.encode_image(images[i].to(device)), n_img, bs,
+                                           device, group)
+            txt_tok, txt_emb = _encode_all(
+                lambda i: model.encode_text(input_ids[i].to(device), attention_mask[i].to(device)),
+                n_txt, bs, device, group)
+            # Cosine in fp32, no logit scale: the released re-rank score adds probabilities to it.
+            sim = img_emb.float() @ txt_emb.float().t()  # (N_img, T)
+            mask = attention_mask.to(device)
+            scorer = itm_scorer(model, img_tok, txt_tok, mask, bs, lockstep=True, group=group)
+            text_rows, image_rows = shard(n_txt, world, rank), shard(n_img, world, rank)
+            t2i, i2t = rerank(sim, eval_cfg.topk, scorer, text_rows=text_rows, image_rows=image_rows)
+            gt = text_to_image.to(device)
+            img_ids = torch.arange(n_img, device=device)[image_rows]
+            comm = _comm_device(group)
+            pos = {}
+            for stage, field in (("two_tower", "pre_order"), ("two_stage", "order")):
+                t2i_pos = hit_positions_t2i(getattr(t2i, field), gt[text_rows])
+                i2t_pos = hit_positions_i2t(getattr(i2t, field), img_ids, gt)
+                pos[stage] = (all_gather_variable(t2i_pos.to(comm), group).cpu(),
+                              all_gather_variable(i2t_pos.to(comm), group).cpu())
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {stage: recalls(*p) for stage, p in pos.items()}
+    out.update(num_images=n_img, num_texts=n_txt, topk=eval_cfg.topk,
+               topk_effective={"t2i": min(eval_cfg.topk, n_img), "i2t": min(eval_cfg.topk, n_txt)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Rows two-tower / two-stage; columns t2i R@1 R@5 R@10, i2t R@1 R@5 R@10, MR (percent)."""
+    head = (f"{'stage':<10} | {'t2i R@1':>7} {'R@5':>6} {'R@10':>6} | "
+            f"{'i2t R@1':>7} {'R@5':>6} {'R@10':>6} | {'MR':>6}")
+    lines = [f"retrieval: {metrics.get('num_images', '?')} images, {metrics.get('num_texts', '?')} texts, "
+             f"top-k {metrics.get('topk', '?')}", head, "-" * len(head)]
+    for key, label in (("two_tower", "two-tower"), ("two_stage", "two-stage")):
+        m = metrics.get(key)
+        if m is None:
+            continue
+        lines.append(f"{label:<10} | {m['t2i_r1']:7.2f} {m['t2i_r5']:6.2f} {m['t2i_r10']:6.2f} | "
+                     f"{m['i2t_r1']:7.2f} {m['i2t_r5']:6.2f} {m['i2t_r10']:6.2f} | {m['mr']:6.2f}")
+    return "\n".join(lines)
+
+
+def print_table(metrics: dict[str, Any], file=None) -> None:
+    print(format_table(metrics), file=file or sys.stdout, flush=True)
+
+
+def write_eval_json(metrics: dict[str, Any], path: str | Path) -> None:
+    """Write `metrics` as JSON atomically (temp file, then os.replace): no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _init_distributed_from_env() -> bool:
+    """Join the process group when launched by torchrun/deepspeed with WORLD_SIZE > 1; True when we did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m r2d2ds.eval",
+                                description="Two-stage retrieval evaluation of an exported R2D2 model.")
+    p.add_argument("--model", required=True, help="export directory written by r2d2ds.export")
+    p.add_argument("--data", required=True, help="dataset spec (directory, manifest or shards)")
+    p.add_argument("--split", default="val", help="split name (default: val)")
+    p.add_argument("--topk", type=int, default=None, help="re-ranked per query (default: config's)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows/pairs per forward (default: config's)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images (0: all)")
+    p.add_argument("--out", default="eval.json", help="metrics JSON path (default: eval.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from r2d2ds.api import load  # late: api imports this module
+
+    joined = _init_distributed_from_env()
+    try:
+        if args.device:
+            device = args.device
+        elif torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+        else:
+            device = "cpu"
+        try:
+            retriever = load(args.model, device=device)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        cfg = retriever.config
+        pick = lambda arg, default: arg if arg is not None else default
+        eval_cfg = EvalConfig(topk=pick(args.topk, cfg.eval.topk),
+                              batch_size=pick(args.batch_size, cfg.eval.batch_size),
+                              max_images=pick(args.max_images, cfg.eval.max_images))
+        if not (os.path.exists(args.data) or any(c in args.data for c in "{*")):
+            print(f"error: dataset '{args.data}' does not exist", file=sys.stderr)
+            return 2
+        from r2d2ds.data import load_retrieval_split
+
+        split = load_retrieval_split(args.data, args.split, retriever.tokenizer, cfg.data.image_size,
+                                     max_images=eval_cfg.max_images)
+        metrics = evaluate(retriever.model, split, eval_cfg, device=device)
+        if is_main_process():
+            print_table(metrics)
+            write_eval_json(metrics, args.out)
+            print(f"wrote {args.out}", flush=True)
+        return 0
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
