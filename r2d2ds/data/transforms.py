@@ -1,0 +1,46 @@
+"""Image transforms (timm) and the one safe image decoder used everywhere in the data pipeline.
+
+Importing any r2d2ds.data module imports the r2d2ds package first, whose torchvision shim must run before timm
+imports torchvision.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform
+
+# CLIP's mean/std: R2D2's released image tower is a CLIP ViT, so its pixel statistics are the ones to match.
+MEAN = OPENAI_CLIP_MEAN
+STD = OPENAI_CLIP_STD
+
+
+def image_transform(image_size: int, train: bool,
+                    augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> float32 (3, S, S), CLIP-normalised.
+
+    Eval (and training without `augment`): resize the shorter side to S (bicubic) and center-crop S x S.
+    crop_pct is 1.0 so nothing inside the S x S square is cut away: captions here describe corners
+    ("左上有..."), and timm's default 0.875 crop would remove what the caption talks about.
+    Training with `augment`: a mild RandomResizedCrop only. No horizontal flip and no colour jitter on
+    purpose: captions name left/right and colours, and flipping or re-colouring would make them false.
+    """
+    if train and augment:
+        return create_transform(image_size, is_training=True, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3),
+                                hflip=0.0, color_jitter=None, interpolation="bicubic", mean=MEAN, std=STD)
+    return create_transform(image_size, is_training=False, crop_pct=1.0, interpolation="bicubic",
+                            mean=MEAN, std=STD)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes with PIL only (never pickle). Raises on corrupt, truncated or non-image bytes.
+
+    `load()` forces the full decode here, so a truncated JPEG fails now (PIL's LOAD_TRUNCATED_IMAGES stays
+    False) instead of later inside a transform where the sample could no longer be skipped cleanly.
+    """
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
