@@ -158,8 +158,13 @@ def _torch_teacher_lse(xt, yt, scale):
     return out
 
 
-def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w):
-    """Gradient of sum_i w * CE_i: dx (B, D), dy (N, D) fp32 and the dot-product part of dscale (0-dim)."""
+def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w,
+                   cnt_c=None, lse_c=None, tlse_c=None):
+    """Gradient of sum_i w * CE_i: dx (B, D), dy (N, D) fp32 and the dot-product part of dscale (0-dim).
+
+    lse_c (N,) given: rows and columns are the same batch (single process), and the column direction's rows
+    (t2i, LSE lse_c, teacher LSE tlse_c, counts cnt_c) join the same tiles: one backward pass for both.
+    """
     b = x.shape[0]
     yf = y.float()
     ytf = None if yt is None else yt.float()
@@ -171,13 +176,17 @@ def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w
         r1 = min(b, r0 + step)
         xb = x[r0:r1].float()
         dot = xb @ yf.T  # (blk, N)
-        g = torch.exp(dot * scale - lse[r0:r1, None])  # p
-        pos = ids_r[r0:r1, None] == ids_c[None, :]
-        q = pos.float() / cnt_r[r0:r1, None]
+        s = dot * scale
+        pos = (ids_r[r0:r1, None] == ids_c[None, :]).float()
+        g = torch.exp(s - lse[r0:r1, None]) - (1.0 - alpha) * pos / cnt_r[r0:r1, None]  # p - q
+        if lse_c is not None:
+            g += torch.exp(s - lse_c[None, :]) - (1.0 - alpha) * pos / cnt_c[None, :]
         if tlse is not None:
             t = (xt[r0:r1].float() @ ytf.T) * scale
-            q = (1.0 - alpha) * q + alpha * torch.exp(t - tlse[r0:r1, None])
-        g = (g - q) * w  # (blk, N) dLoss/ds
+            g -= alpha * torch.exp(t - tlse[r0:r1, None])
+            if lse_c is not None:
+                g -= alpha * torch.exp(t - tlse_c[None, :])
+        g *= w  # (blk, N) dLoss/ds
         ds += (g * dot).sum()
         g.mul_(scale)  # dLoss/d<x, y>: the chain rule through s = scale * <x, y>
         dx[r0:r1] = g @ yf
@@ -186,22 +195,375 @@ def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton: autotune configs, kernels (defined on first use by _triton()), launchers.
+# Triton: autotune configs
 # ----------------------------------------------------------------------------------------------------------
 
-_TRITON = None
+triton = None  # bound by _triton() on first use (lazy import; see the module docstring)
+tl = None
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# (BLOCK_M rows, BLOCK_N columns, BLOCK_D, num_warps, num_stages). The reduction dim D (256..1024) is walked
+# in BLOCK_D chunks, so any D works; rows and columns are both "long" (the global batch), so square-ish tiles.
+_TILES = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
+    (64, 64, 64, 4, 3), (128, 256, 32, 8, 3),
+]
+# The interpreter runs programs one by one in numpy: one config, no tuning (tuning there only wastes time).
+_INTERPRET_TILE = (64, 64, 64, 4, 1)
+
+
+def _configs() -> list:
+    tiles = [_INTERPRET_TILE] if _interpreting() else _TILES
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
+            for m, n, d, w, s in tiles]
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop tiles wider than the problem (B = 7 needs no 128-row tile) and chunks wider than D."""
+    args = {**named_args, **kwargs}
+    m_cap = max(16, triton.next_power_of_2(args["B"]))
+    n_cap = max(16, triton.next_power_of_2(args["N"]))
+    d_cap = max(16, triton.next_power_of_2(args["D"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
+            and c.kwargs["BLOCK_D"] <= d_cap]
+    volume = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"]
+    return kept or [min(configs, key=volume)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+# Layout: X (B, D) rows, Y (N, D) gathered columns, row-major with unit last stride (any dtype of fp32/bf16/
+# fp16); XT / YT the teacher's, same shapes. IDS_R (B,) / IDS_C (N,) int64 ids, CNT_R / CNT_C fp32 positive
+# counts, LSE_* / TLSE_* fp32 row LSEs (student / teacher). SCALE is a 0-dim fp32 tensor read in-kernel (no
+# host sync). All accumulation is fp32: tl.dot accumulates fp32, LSE is online (running max m, sum l).
+# DOT_FP32 (interpreter only) upcasts tiles before tl.dot: the interpreter multiplies bf16 bits wrongly.
+# PREC is "ieee" for fp32 inputs (match fp32 PyTorch, not tf32) unless torch allows tf32 matmuls.
+
+
+def _define_kernels():
+    global triton, tl, _dot_tile, _grad_tile, _fwd_kernel, _bwd_dx_kernel, _bwd_dy_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+        # (BLOCK_M, BLOCK_N) fp32 <x_r, y_c>, D walked in BLOCK_D chunks (masked: zeros add nothing).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            km = ks < D
+            x = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & km[None, :],
+                        other=0.0)
+            y = tl.load(Y + cols[:, None] * stride_y + ks[None, :], mask=cmask[:, None] & km[None, :],
+                        other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+                y = y.to(tl.float32)
+            acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _grad_tile(X, Y, XT, YT, rows, cols, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r, lse_c,
+                   tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y,
+                   HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+        # G = dLoss/ds for one (BLOCK_M, BLOCK_N) tile: w * (p - q) of the row direction, plus (FUSE_T, single
+        # process, rows and columns are the same batch) the column direction's w * (p^T - q^T) on the same s.
+        dot = _dot_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D,
+                        DOT_FP32, PREC)
+        s = dot * scale
+        pos = ids_r[:, None] == ids_c[None, :]
+        g = tl.exp(s - lse_r[:, None]) - tl.where(pos, (1.0 - alpha) / cnt_r[:, None], 0.0)
+        if FUSE_T:
+            g += tl.exp(s - lse_c[None, :]) - tl.where(pos, (1.0 - alpha) / cnt_c[None, :], 0.0)
+        if HAS_TEACHER:
+            t = _dot_tile(XT, YT, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D,
+                          DOT_FP32, PREC) * scale
+            g -= alpha * tl.exp(t - tlse_r[:, None])
+            if FUSE_T:
+                g -= alpha * tl.exp(t - tlse_c[None, :])
+        g = tl.where(rmask[:, None] & cmask[None, :], g * w, 0.0)
+        return g, dot
+
+    @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "COMPUTE_TGT", "SAMPLE"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _fwd_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, TLSE_R, SCALE, LSE, TGT, NEG,
+                    B, N, D, stride_x, stride_y, alpha, seed, row_off,
+                    HAS_TEACHER: tl.constexpr, COMPUTE_TGT: tl.constexpr, SAMPLE: tl.constexpr,
+                    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per BLOCK_M rows, walking all N columns: online LSE, target term sum_j q_ij s_ij and the
+        # Gumbel-max negative, never more than one (BLOCK_M, BLOCK_N) tile of s alive.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
+        scale = tl.load(SCALE)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        tgt = tl.zeros((BLOCK_M,), tl.float32)
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        best_idx = tl.full((BLOCK_M,), -1, tl.int64)
+        ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
+        cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
+        tlse_r = tl.zeros((BLOCK_M,), tl.float32)
+        if HAS_TEACHER:
+            tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            cols64 = cols.to(tl.int64)
+            s = _dot_tile(X, Y, rows64, cols64, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N,
+                          BLOCK_D, DOT_FP32, PREC) * scale
+            # (BLOCK_M, BLOCK_N); padded columns -inf for the LSE (every tile has at least one real column)
+            s_lse = tl.where(cmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_lse, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_lse - m_new[:, None]), 1)
+            m_i = m_new
+            if COMPUTE_TGT or SAMPLE:
+                ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
+                pos = (ids_r[:, None] == ids_c[None, :]) & cmask[None, :]
+                if COMPUTE_TGT:
+                    q = tl.where(pos, (1.0 - alpha) / cnt_r[:, None], 0.0)
+                    if HAS_TEACHER:
+                        t = _dot_tile(XT, YT, rows64, cols64, rmask, cmask, D, stride_x, stride_y, BLOCK_M,
+                                      BLOCK_N, BLOCK_D, DOT_FP32, PREC) * scale
+                        q += alpha * tl.exp(t - tlse_r[:, None])
+                    tgt += tl.sum(tl.where(cmask[None, :], q * s, 0.0), 1)
+                if SAMPLE:
+                    # Philox keyed by (seed, global row * N + column): the draw of an entry does not depend on
+                    # the tiling, so the loss pass and the standalone sampler draw the same numbers.
+                    offs = (row_off + rows64)[:, None] * N + cols64[None, :]
+                    u = tl.maximum(tl.rand(seed, offs), 1e-20)
+                    z = tl.where(cmask[None, :] & (pos == 0), s - tl.log(-tl.log(u)), float("-inf"))
+                    tile_best = tl.max(z, 1)
+                    tile_arg = tl.argmax(z, 1).to(tl.int64) + n0
+                    better = tile_best > best
+                    best_idx = tl.where(better, tile_arg, best_idx)
+                    best = tl.where(better, tile_best, best)
+        tl.store(LSE + rows, m_i + tl.log(l_i), mask=rmask)
+        if COMPUTE_TGT:
+            tl.store(TGT + rows, tgt, mask=rmask)
+        if SAMPLE:
+            tl.store(NEG + rows, best_idx, mask=rmask)
+
+    @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "FUSE_T"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _bwd_dx_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, CNT_C, LSE_R, LSE_C, TLSE_R, TLSE_C, SCALE, DX, DS,
+                       B, N, D, stride_x, stride_y, W, alpha,
+                       HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        # One program per BLOCK_M rows: dx = scale * G y accumulated in DX (fp32, this program's rows only, so
+        # no atomics; the first column tile stores, later ones add, so reruns by the autotuner are harmless),
+        # and this program's part of dscale = sum G * <x, y> into DS[pid].
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
+        scale = tl.load(SCALE)
+        w = tl.load(W)  # the row weight (grad_out * W_ranks / 2N), read in-kernel: no host sync
+        ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
+        cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
+        lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0)
+        tlse_r = lse_r
+        if HAS_TEACHER:
+            tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+        ds = tl.zeros((BLOCK_M,), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            cols64 = cols.to(tl.int64)
+            ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
+            cnt_c = tl.load(CNT_C + cols, mask=cmask, other=1.0)
+            lse_c = cnt_c
+            tlse_c = cnt_c
+            if FUSE_T:
+                lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0)
+                if HAS_TEACHER:
+                    tlse_c = tl.load(TLSE_C + cols, mask=cmask, other=0.0)
+            g, dot = _grad_tile(X, Y, XT, YT, rows64, cols64, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r,
+                                lse_c, tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y, HAS_TEACHER,
+                                FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
+            ds += tl.sum(g * dot, 1)
+            g = g * scale  # dLoss/d<x, y>
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                km = ks < D
+                y = tl.load(Y + cols64[:, None] * stride_y + ks[None, :], mask=cmask[:, None] & km[None, :],
+                            other=0.0)
+                if DOT_FP32:
+                    contrib = tl.dot(g, y.to(tl.float32), input_precision=PREC)
+                else:
+                    contrib = tl.dot(g.to(y.dtype), y, input_precision=PREC)  # (BLOCK_M, BLOCK_D) fp32
+                ptrs = DX + rows64[:, None] * D + ks[None, :]
+                dmask = rmask[:, None] & km[None, :]
+                if n0 > 0:
+                    contrib += tl.load(ptrs, mask=dmask, other=0.0)
+                tl.store(ptrs, contrib, mask=dmask)
+        tl.store(DS + pid, tl.sum(ds, 0))
+
+    @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "FUSE_T"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _bwd_dy_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, CNT_C, LSE_R, LSE_C, TLSE_R, TLSE_C, SCALE, DY,
+                       B, N, D, stride_x, stride_y, W, alpha,
+                       HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        # One program per BLOCK_N columns, walking all B rows: dy = scale * G^T x into DY (fp32, own columns).
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        cols64 = cols.to(tl.int64)
+        scale = tl.load(SCALE)
+        w = tl.load(W)
+        ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
+        cnt_c = tl.load(CNT_C + cols, mask=cmask, other=1.0)
+        lse_c = cnt_c
+        tlse_c = cnt_c
+        if FUSE_T:
+            lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0)
+            if HAS_TEACHER:
+                tlse_c = tl.load(TLSE_C + cols, mask=cmask, other=0.0)
+        for m0 in range(0, B, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < B
+            rows64 = rows.to(tl.int64)
+            ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
+            cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
+            lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0)
+            tlse_r = lse_r
+            if HAS_TEACHER:
+                tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+            g, dot = _grad_tile(X, Y, XT, YT, rows64, cols64, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r,
+                                lse_c, tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y, HAS_TEACHER,
+                                FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
+            g = g * scale
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                km = ks < D
+                x = tl.load(X + rows64[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & km[None, :],
+                            other=0.0)
+                if DOT_FP32:
+                    contrib = tl.dot(tl.trans(g), x.to(tl.float32), input_precision=PREC)
+                else:
+                    contrib = tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PREC)  # (BLOCK_N, BLOCK_D)
+                ptrs = DY + cols64[:, None] * D + ks[None, :]
+                dmask = cmask[:, None] & km[None, :]
+                if m0 > 0:
+                    contrib += tl.load(ptrs, mask=dmask, other=0.0)
+                tl.store(ptrs, contrib, mask=dmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton launchers
+# ----------------------------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, xt, yt, ids_r, ids_c) -> None:
+    assert x.dim() == 2 and y.dim() == 2 and x.shape[1] == y.shape[1], f"x {x.shape} vs y {y.shape}"
+    assert x.dtype in _KERNEL_DTYPES and y.dtype == x.dtype, f"fp32/bf16/fp16, one dtype: {x.dtype}/{y.dtype}"
+    assert x.is_contiguous() and y.is_contiguous(), "x and y must be contiguous"
+    assert x.device == y.device == ids_r.device == ids_c.device, "all inputs on one device"
+    assert x.is_cuda or _interpreting(), "triton on CPU needs TRITON_INTERPRET=1 before importing triton"
+    assert ids_r.shape == (x.shape[0],) and ids_c.shape == (y.shape[0],) and ids_r.dtype == torch.long
+    if xt is not None:
+        assert xt.shape == x.shape and yt.shape == y.shape and xt.dtype == x.dtype and yt.dtype == y.dtype
+        assert xt.is_contiguous() and yt.is_contiguous(), "teacher embeddings must be contiguous"
+
+
+def _flags(x: torch.Tensor) -> dict:
+    interp = _interpreting()
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return {"DOT_FP32": interp, "PREC": "tf32" if tf32 else "ieee"}
+
+
+def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row_off, compute_tgt=True):
+    """(lse, tgt, neg) for rows x over columns y; tgt / neg are None when not asked for."""
+    _check(x, y, xt, yt, ids_r, ids_c)
+    b, d = x.shape
+    n = y.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    lse = torch.full((b,), float("nan"), **f32)  # poisoned: an unwritten row fails the tests
+    tgt = torch.full((b,), float("nan"), **f32) if compute_tgt else lse
+    sample = seed is not None
+    neg = torch.full((b,), -7, dtype=torch.long, device=x.device) if sample else lse
+    teacher = xt is not None
+    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)
+    _fwd_kernel[grid](
+        x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, tlse if teacher else lse,
+        scale, lse, tgt, neg, b, n, d, x.stride(0), y.stride(0), float(alpha), int(seed or 0), int(row_off),
+        HAS_TEACHER=teacher, COMPUTE_TGT=compute_tgt, SAMPLE=sample, **_flags(x))
+    return lse, (tgt if compute_tgt else None), (neg if sample else None)
+
+
+def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, w,
+                cnt_c=None, lse_c=None, tlse_c=None):
+    """dx (B, D), dy (N, D) fp32 and dscale's dot part; lse_c given = FUSE_T (rows and columns one batch)."""
+    _check(x, y, xt, yt, ids_r, ids_c)
+    b, d = x.shape
+    n = y.shape[0]
+    teacher = xt is not None
+    fuse = lse_c is not None
+    cnt_c = cnt_r if cnt_c is None else cnt_c
+    if not fuse:  # column counts are only read under FUSE_T; any (N,) fp32 buffer will do
+        cnt_c = torch.ones(n, dtype=torch.float32, device=x.device) if cnt_c.shape[0] != n else cnt_c
+    dx = torch.full((b, d), float("nan"), dtype=torch.float32, device=x.device)
+    dy = torch.full((n, d), float("nan"), dtype=torch.float32, device=x.device)
+    ds = torch.full((triton.cdiv(b, 16),), float("nan"), dtype=torch.float32, device=x.device)
+    args = (x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, cnt_c, lse_r,
+            lse_c if fuse else lse_r, tlse_r if teacher else lse_r,
+            tlse_c if (teacher and fuse) else lse_r, scale)
+    w = w.to(device=x.device, dtype=torch.float32).reshape(())
+    flags = dict(HAS_TEACHER=teacher, FUSE_T=fuse, **_flags(x))
+    used = {}
+
+    def grid_dx(meta):
+        used["m"] = meta["BLOCK_M"]
+        return (triton.cdiv(b, meta["BLOCK_M"]),)
+
+    _bwd_dx_kernel[grid_dx](*args, dx, ds, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
+    _bwd_dy_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        *args, dy, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
+    return dx, dy, ds[: triton.cdiv(b, used["m"])].sum()
+
+
+class _TritonBackend:
+    @staticmethod
+    def teacher_lse(xt, yt, scale):
+        n = yt.shape[0]
+        ids = torch.zeros(xt.shape[0], dtype=torch.long, device=xt.device)
+        ones = torch.ones(xt.shape[0], dtype=torch.float32, device=xt.device)
+        lse, _, _ = _triton_fwd(xt, yt, scale, ids, torch.zeros(n, dtype=torch.long, device=xt.device), ones,
+                                None, None, 0.0, None, None, 0, compute_tgt=False)
+        return lse
+
+    fwd = staticmethod(_triton_fwd)
+    bwd = staticmethod(_triton_bwd)
+
+    @staticmethod
+    def sample(x, y, scale, ids_r, ids_c, seed, row_off):
+        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        _, _, neg = _triton_fwd(x, y, scale, ids_r, ids_c, ones, None, None, 0.0, None, seed, row_off,
+                                compute_tgt=False)
+        return neg
+
+
 def _triton():
     """Import Triton and define the kernels once (lazily: TRITON_INTERPRET must be set before the import)."""
-    global _TRITON
-    if _TRITON is None:
-        raise RuntimeError("impl='triton' is being built; use impl='torch'")
-    return _TRITON
+    if triton is None:
+        _define_kernels()
+    return _TritonBackend
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,15 +628,20 @@ class _ContrastiveLoss(torch.autograd.Function):
         sizes, group, backend, alpha, teacher, world, n = ctx.meta
         # Row weight W / N (not 1 / B): the gradient invariant for any world size (module docstring).
         w = grad.float() * (0.5 * world / n)
-        dx_img, dy_txt, ds0 = backend.bwd(image_emb, txt_all, scale, ids_r, ids_c, cnt, t_img, tt_all, alpha,
-                                          lse0, tlse0, w)
-        dx_txt, dy_img, ds1 = backend.bwd(text_emb, img_all, scale, ids_r, ids_c, cnt, t_txt, ti_all, alpha,
-                                          lse1, tlse1, w)
-        d_img = dx_img + reduce_scatter_rows(dy_img, sizes, group)  # columns' grads go back to their owners
-        d_txt = dx_txt + reduce_scatter_rows(dy_txt, sizes, group)
+        if world == 1:  # rows and columns are one batch: both directions in one pass over the tiles
+            d_img, d_txt, ds = backend.bwd(image_emb, text_emb, scale, ids_r, ids_c, cnt, t_img, t_txt, alpha,
+                                           lse0, tlse0, w, cnt_c=cnt, lse_c=lse1, tlse_c=tlse1)
+        else:
+            dx_img, dy_txt, ds0 = backend.bwd(image_emb, txt_all, scale, ids_r, ids_c, cnt, t_img, tt_all,
+                                              alpha, lse0, tlse0, w)
+            dx_txt, dy_img, ds1 = backend.bwd(text_emb, img_all, scale, ids_r, ids_c, cnt, t_txt, ti_all,
+                                              alpha, lse1, tlse1, w)
+            d_img = dx_img + reduce_scatter_rows(dy_img, sizes, group)  # columns' grads go to their owners
+            d_txt = dx_txt + reduce_scatter_rows(dy_txt, sizes, group)
+            ds = ds0 + ds1
         d_scale = None
         if ctx.needs_input_grad[2]:
-            d_scale = (ds0 + ds1).reshape(())
+            d_scale = ds.reshape(())
         return (d_img.to(image_emb.dtype), d_txt.to(text_emb.dtype), d_scale,
                 None, None, None, None, None, None, None)
 
@@ -292,9 +659,7 @@ class _TorchBackend:
             gen.manual_seed(_mix_seed(seed, off))
         return _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt, xt, yt, alpha, tlse, gen)
 
-    @staticmethod
-    def bwd(x, y, scale, ids_r, ids_c, cnt, xt, yt, alpha, lse, tlse, w):
-        return _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt, xt, yt, alpha, lse, tlse, w)
+    bwd = staticmethod(_torch_dir_bwd)
 
 
 def _mix_seed(seed: int, offset: int) -> int:
@@ -355,7 +720,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
             raise ValueError("return_negatives needs impl 'torch' or 'triton' (use sample_hard_negatives)")
         return _reference_impl(image_emb, text_emb, scale, labels, t_img, t_txt, alpha, group)
     sd = draw_seed(generator, seed, image_emb.device) if return_negatives else None
-    backend = _TorchBackend if impl == "torch" else _triton().Backend
+    backend = _TorchBackend if impl == "torch" else _triton()
     if impl == "triton" and image_emb.device.type != "cuda" and not _interpreting():
         raise RuntimeError("impl='triton' on CPU needs TRITON_INTERPRET=1 set before triton is imported")
     if teacher_image_emb is not None and alpha != 0.0:
