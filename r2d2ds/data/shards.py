@@ -297,7 +297,8 @@ class _SlotDataset(IterableDataset):
                 try:
                     image, captions, image_id = parse_sample(raw)
                     try:
-                        pixels = transform(decode_image(image))
+                        # A transform can fail on a degenerate image too: same reason, same skip.
+                        pixels = self._transform(transform, decode_image(image), epoch, key)
                     except Exception as exn:  # PIL: OSError, SyntaxError, ValueError, DecompressionBomb...
                         raise BadSample("corrupt_image", f"{type(exn).__name__}: {exn}") from None
                 except BadSample as bad:
@@ -324,6 +325,18 @@ class _SlotDataset(IterableDataset):
             epoch, consumed, batches = epoch + 1, 0, 0
         n, reasons = counter.take()
         yield {"_tail": True, "skipped": n, "_reasons": reasons}
+
+    def _transform(self, transform: Any, pil: Any, epoch: int, key: str) -> torch.Tensor:
+        if not self.cfg.augment:
+            return transform(pil)
+        # timm's RandomResizedCrop draws from Python's global `random`. Seed it per (seed, epoch, key) so a
+        # resumed stream crops exactly as the uninterrupted one would, and restore the caller's state after.
+        state = random.getstate()
+        random.seed(f"r2d2ds-augment:{self.seed}:{epoch}:{key}")
+        try:
+            return transform(pil)
+        finally:
+            random.setstate(state)
 
     def _collate(self, pending: list, counter: SkipCounter, pos: tuple[int, int, int, int]) -> dict[str, Any]:
         keys = [p[0] for p in pending]
