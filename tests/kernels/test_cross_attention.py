@@ -7,6 +7,7 @@ machine the same tests run natively, with fp16 added.
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -14,10 +15,18 @@ from r2d2ds.kernels import cross_attention
 from r2d2ds.kernels.cross_attention import (
     _cross_attention_bwd,
     _cross_attention_fwd,
+    _pruner,
     cross_attention_reference,
 )
 
+# The package re-exports the function under the module's name, so fetch the module itself.
+ca_module = importlib.import_module("r2d2ds.kernels.cross_attention")
+
 pytest.importorskip("triton")
+
+# Tests check numerics, not the tuner: one config per kernel on CUDA keeps the GPU check's compiles few
+# (every config is tested by test_every_tile_shape_is_correct).
+os.environ.setdefault("R2D2DS_AUTOTUNE", "0")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -176,8 +185,7 @@ def test_non_contiguous_inputs_and_custom_scale():
 
 
 def test_auto_picks_triton_on_cuda_only(monkeypatch):
-    # The package re-exports the function under the module's name, so fetch the module itself.
-    mod = importlib.import_module("r2d2ds.kernels.cross_attention")
+    mod = ca_module
 
     calls = []
     real_apply = mod._CrossAttentionTriton.apply
@@ -207,3 +215,50 @@ def test_bad_arguments_are_refused():
         cross_attention(q, k.double(), v)
     with pytest.raises(AssertionError, match="fp32 / bf16 / fp16"):
         cross_attention(q.double(), k.double(), v.double(), impl="triton")
+
+
+TILES = sorted({(m, n) for m, n, _, _ in ca_module._FWD_TILES + ca_module._DKDV_TILES + ca_module._DQ_TILES}
+               | {(16, 16)})
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_tile_shape_is_correct(tile, monkeypatch):
+    """Each (BLOCK_M, BLOCK_N) the autotuner may pick gives the same numbers: rebuild the kernels with only
+    that tile (the interpreter, and the default test mode, otherwise use a single one)."""
+    import triton
+
+    block_m, block_n = tile
+    monkeypatch.setattr(
+        ca_module, "_configs",
+        lambda tiles: [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=2)],
+    )
+    ca_module._triton_kernels.cache_clear()
+    try:
+        q, k, v, do, mask = _inputs((2, 2, 40, 150, 32), torch.float32, "holes_and_empty", seed=7)
+        got = _run("triton", q, k, v, do, mask)
+    finally:
+        ca_module._triton_kernels.cache_clear()  # the next test rebuilds with the real configs
+    ref = _reference(q, k, v, do, mask)
+    torch_got = _run("torch", q, k, v, do, mask)
+    _assert_close_as_torch(got, torch_got, ref, torch.float32, f"tile {tile}")
+
+
+def test_pruner_respects_lengths_and_shared_memory(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(ca_module, "_max_shared_mem", lambda device: 64 * 1024)
+
+    tiles = [(16, 16), (32, 64), (64, 64), (64, 128), (128, 32), (128, 256)]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2) for m, n in tiles]
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    prune = _pruner(lambda m, n, stages: m + 2 * n * stages)
+    kept = prune(configs, {"Q": q, "Lq": 64, "Lk": 33}, BLOCK_D=64)
+    kept_tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+    assert kept_tiles == [(16, 16), (32, 64), (64, 64)]  # BLOCK_M <= 64 = Lq, BLOCK_N <= 64 = next_pow2(33)
+    kept = prune(configs, {"Q": q, "Lq": 257, "Lk": 257}, BLOCK_D=64)
+    # (BLOCK_M + 4 BLOCK_N) * 64 * 2 bytes <= 64 KiB drops 64 x 128 and 128 x 256.
+    kept_tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+    assert kept_tiles == [(16, 16), (32, 64), (64, 64), (128, 32)]
+    # Nothing fits a huge head dim: the smallest tile is kept so the launch still has a config.
+    kept = prune(configs, {"Q": q, "Lq": 257, "Lk": 257}, BLOCK_D=1 << 20)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == [(16, 16)]
