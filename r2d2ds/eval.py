@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         from r2d2ds.data import load_retrieval_split
 
         split = load_retrieval_split(args.data, args.split, retriever.tokenizer, cfg.data.image_size,
-                                     max_images=eval_cfg.max_images)
+                                     max_images=eval_cfg.max_images, max_text_len=cfg.data.max_text_len)
         metrics = evaluate(retriever.model, split, eval_cfg, device=device)
         if is_main_process():
             print_table(metrics)
