@@ -10,6 +10,9 @@ FLOPs (written out so the TFLOP/s column can be checked): forward = 4 * B * H * 
 (FlashAttention's convention: the backward is 2.5 x the forward, 5 matmuls against 2). Recomputation inside
 our backward is not counted.
 
+Rows: triton (our kernels as the model calls them), triton_split_bwd (the backward forced onto the split
+dK/dV + dQ kernels where the fused short-query backward would run: says whether fusing pays).
+
 Baselines:
   sdpa       F.scaled_dot_product_attention with PyTorch's own backend choice (recorded per case), with the
              contract's mask handling (impl="torch"); speedups are against this row.
@@ -23,6 +26,7 @@ timer (on CPU: the Triton interpreter) to check the script itself; its numbers m
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -82,11 +86,15 @@ def _providers(q, k, v, mask, scale):
     from r2d2ds.kernels import cross_attention
 
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
-    provs = {
-        "triton": lambda q, k, v: cross_attention(q, k, v, key_mask=mask, scale=scale, impl="triton"),
+    ours = lambda q, k, v: cross_attention(q, k, v, key_mask=mask, scale=scale, impl="triton")
+    provs = {"triton": ours}
+    if _ca_module()._fused_bwd_fits(q.shape[2], q.shape[3]):
+        # Same kernels with the backward forced onto the split dK/dV + dQ pair: measures the fused backward.
+        provs["triton_split_bwd"] = ours
+    provs.update({
         # Plain SDPA with its own backend choice: PyTorch's fastest route (these cases have no empty rows).
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale),
-    }
+    })
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -123,6 +131,11 @@ def _providers(q, k, v, mask, scale):
     return provs
 
 
+def _ca_module():
+    # The package re-exports the function under the module's name, so fetch the module itself.
+    return importlib.import_module("r2d2ds.kernels.cross_attention")
+
+
 def _measure(bench, fn, leaves, grad_out) -> tuple[float, float]:
     """(forward ms, forward+backward ms); gradients are reset each call so nothing accumulates."""
 
@@ -153,6 +166,9 @@ def run_case(name, shape, dtype, device, bench, smoke):
         pq, pkv = getattr(fn, "pack", (lambda t: t, lambda t: t))
         leaves = [pq(q).detach().requires_grad_(), pkv(k).detach().requires_grad_(),
                   pkv(v).detach().requires_grad_()]
+        fused_tile = _ca_module()._FUSED_BWD_MAX_TILE
+        if prov == "triton_split_bwd":
+            _ca_module()._FUSED_BWD_MAX_TILE = 0
         try:
             out = fn(*leaves)
             grad_out = torch.randn_like(out)
@@ -164,6 +180,8 @@ def run_case(name, shape, dtype, device, bench, smoke):
         except Exception as e:  # noqa: BLE001  (a forced backend that refuses the case: record why)
             rows.append({"case": name, "impl": prov, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
+        finally:
+            _ca_module()._FUSED_BWD_MAX_TILE = fused_tile
         row = {"case": name, "impl": prov,
                "fwd_ms": fwd_ms, "fwd_tflops": flops_fwd / (fwd_ms * 1e-3) / 1e12,
                "fwd_bwd_ms": fwd_bwd_ms,

@@ -97,22 +97,30 @@ _DKDV_TILES = [  # per key block, looping over query blocks
 _DQ_TILES = [  # per query block, looping over key blocks
     (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2),
 ]
+_FUSED_BWD_TILES = [  # (BLOCK_N, warps, stages): BLOCK_M is fixed to cover every query row
+    (32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3),
+]
 # Short lists on purpose: every config is a compile per (dtype, head dim, mask) variant, and the GPU check has
 # minutes, not hours. The pruner drops the ones the lengths or the shared memory rule out.
 
 # The interpreter runs one program at a time in numpy: one mid-sized config, no tuning.
-_INTERPRET_TILE = (32, 64, 4, 1)
+_INTERPRET_TILE = {"BLOCK_M": 32, "BLOCK_N": 64}
+# The backward holds all of a (batch, head)'s query rows in one program while BLOCK_M * BLOCK_D stays within
+# this many elements (Lq = 64 at Dh <= 128); longer queries take the split dK/dV + dQ kernels.
+_FUSED_BWD_MAX_TILE = 64 * 128
 
 
-def _configs(tiles: list[tuple[int, int, int, int]]) -> list:
-    """The autotune list; R2D2DS_AUTOTUNE=0 keeps only the first tile (tests: one compile per variant)."""
+def _configs(tiles: list[tuple[int, ...]], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N")) -> list:
+    """The autotune list; R2D2DS_AUTOTUNE=0 keeps only the first tile (tests: one compile per variant).
+
+    Each tile is (*sizes named by `names`, num_warps, num_stages)."""
     import triton
 
     if _interpreting():
-        tiles = [_INTERPRET_TILE]
-    elif os.environ.get("R2D2DS_AUTOTUNE", "1") == "0":
+        return [triton.Config({n: _INTERPRET_TILE[n] for n in names}, num_warps=4, num_stages=1)]
+    if os.environ.get("R2D2DS_AUTOTUNE", "1") == "0":
         tiles = tiles[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
 
 
 def _max_shared_mem(device: torch.device) -> int:
@@ -139,13 +147,15 @@ def _pruner(smem_tiles):
         limit = _max_shared_mem(args["Q"].device)
         m_cap = max(16, triton.next_power_of_2(lq))
         n_cap = max(16, triton.next_power_of_2(lk))
+        # BLOCK_M is a launch argument, not a config entry, for the fused backward.
+        size = lambda c: (c.kwargs.get("BLOCK_M", args.get("BLOCK_M")), c.kwargs["BLOCK_N"])
         kept = [
             c for c in configs
-            if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap
-            and smem_tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) * block_d * elt <= limit
+            if size(c)[0] <= m_cap and size(c)[1] <= n_cap
+            and smem_tiles(*size(c), c.num_stages) * block_d * elt <= limit
         ]
         # Never empty: the smallest tile always fits.
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept or [min(configs, key=lambda c: size(c)[0] * size(c)[1])]
 
     return prune
 
@@ -358,9 +368,69 @@ def _triton_kernels() -> SimpleNamespace:
 
         tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
 
+    @triton.autotune(
+        configs=_configs(_FUSED_BWD_TILES, names=("BLOCK_N",)), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
+        prune_configs_by={"early_config_prune": _pruner(lambda m, n, st: 4 * m + 2 * n * st)},
+    )
+    @triton.jit(do_not_specialize=["Lq", "Lk"])
+    def _cross_attention_bwd_fused_kernel(
+        Q, K, V, KeyMask, Out, DOut, Lse, DQ, DK, DV, sm_scale, qk_scale, H, Lq, Lk,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Short queries (Lq <= BLOCK_M, e.g. R2D2's 64 text tokens): one program per (batch, head) holds every
+        # query row, so it computes delta itself, writes each key block's dK/dV once and keeps dQ in
+        # registers: 5 matmuls per tile instead of the split path's 7, one launch instead of three.
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H
+        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM
+        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
+        row_base = pid_bh.to(tl.int64) * Lq
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_in = offs_m < Lq
+        d_in = offs_d < HEAD_DIM
+        q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q_in = row_in[:, None] & d_in[None, :]
+        q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DOut + q_off, mask=q_in, other=0.0)
+        o = tl.load(Out + q_off, mask=q_in, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,) rowsum(dO * O)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_in = offs_n < Lk
+            key_ok = key_in
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
+            kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            kv_in = key_in[:, None] & d_in[None, :]
+            k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + kv_off, mask=kv_in, other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+            tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_in)
+            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_in)
+
+        tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
+
     return SimpleNamespace(
         fwd=_cross_attention_fwd_kernel, preprocess=_cross_attention_bwd_preprocess,
         dkdv=_cross_attention_bwd_dkdv_kernel, dq=_cross_attention_bwd_dq_kernel,
+        fused_bwd=_cross_attention_bwd_fused_kernel,
     )
 
 
@@ -385,7 +455,16 @@ def _check_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
     )
     head_dim = q.shape[-1]
     assert 1 <= head_dim <= 256, f"head dim {head_dim} unsupported by the triton kernel (1..256)"
-    return max(16, 1 << (head_dim - 1).bit_length())  # tl.dot needs a power of two >= 16
+    return _pow2_at_least_16(head_dim)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())  # tl.dot tiles: powers of two, at least 16
+
+
+def _fused_bwd_fits(lq: int, head_dim: int) -> bool:
+    """Whether the backward runs as one fused kernel (all query rows in one program) or the split pair."""
+    return _pow2_at_least_16(lq) * _pow2_at_least_16(head_dim) <= _FUSED_BWD_MAX_TILE
 
 
 def _cross_attention_fwd(
@@ -418,7 +497,8 @@ def _cross_attention_bwd(
     key_mask: torch.Tensor | None, scale: float,
     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward (FlashAttention-2): delta pre-pass, then dK/dV per key block and dQ per query block."""
+    """Backward (FlashAttention-2): for short queries one fused kernel per (batch, head); otherwise the delta
+    pre-pass, then dK/dV per key block and dQ per query block."""
     block_d = _check_launch(q, k, v, key_mask)
     B, H, Lq, Dh = q.shape
     Lk = k.shape[2]
@@ -430,14 +510,20 @@ def _cross_attention_bwd(
     for g, ref in ((dq, q), (dk, k), (dv, v)):
         assert g.shape == ref.shape and g.dtype == ref.dtype and g.is_contiguous()
     kern = _triton_kernels()
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # (B, H, Lq)
-    kern.preprocess[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B * H)](
-        out, do, delta, Lq, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M,
-    )
-    mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q
     common = dict(
         HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_interpreting(),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q
+    if _fused_bwd_fits(Lq, Dh):  # every query row fits one program: single fused kernel
+        kern.fused_bwd[(B * H,)](
+            q, k, v, mask_arg, out, do, lse, dq, dk, dv, scale, scale * _LOG2E, H, Lq, Lk,
+            BLOCK_M=_pow2_at_least_16(Lq), **common,
+        )
+        return dq, dk, dv
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # (B, H, Lq)
+    kern.preprocess[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B * H)](
+        out, do, delta, Lq, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M,
     )
     kern.dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
         q, k, v, mask_arg, do, lse, delta, dk, dv, scale, scale * _LOG2E, H, Lq, Lk, **common,

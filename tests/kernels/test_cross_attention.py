@@ -98,10 +98,24 @@ def _assert_close_as_torch(got, torch_got, ref, dtype, what):
         assert err <= bound, f"{what}: {name} error {err:.3g} > {bound:.3g} (torch error {torch_err:.3g})"
 
 
+@pytest.fixture(params=["fused_bwd", "split_bwd"])
+def bwd_path(request, monkeypatch):
+    """Both backward paths: the fused one (all query rows in one program) and the split dK/dV + dQ pair."""
+    if request.param == "split_bwd":
+        monkeypatch.setattr(ca_module, "_FUSED_BWD_MAX_TILE", 0)
+    return request.param
+
+
+def _skip_duplicate(bwd_path, shape):
+    if bwd_path == "fused_bwd" and not ca_module._fused_bwd_fits(shape[2], shape[4]):
+        pytest.skip(f"Lq = {shape[2]} takes the split backward anyway")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_triton_matches_reference_within_torch_error(shape, mask_kind, dtype):
+def test_triton_matches_reference_within_torch_error(shape, mask_kind, dtype, bwd_path):
+    _skip_duplicate(bwd_path, shape)
     q, k, v, do, mask = _inputs(shape, dtype, mask_kind)
     ref = _reference(q, k, v, do, mask)
     torch_got = _run("torch", q, k, v, do, mask)
@@ -143,7 +157,7 @@ def test_fully_masked_rows_give_zero_output_and_zero_gradient(impl):
     assert dv[~empty].abs().sum() > 0 and out[~empty].abs().sum() > 0
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(bwd_path):
     """Launch into NaN-filled buffers: any element a kernel forgets to store stays NaN."""
     shape = (2, 2, 37, 70, 64)
     q, k, v, do, mask = _inputs(shape, torch.float32, "holes_and_empty", seed=3)
@@ -217,30 +231,41 @@ def test_bad_arguments_are_refused():
         cross_attention(q.double(), k.double(), v.double(), impl="triton")
 
 
-TILES = sorted({(m, n) for m, n, _, _ in ca_module._FWD_TILES + ca_module._DKDV_TILES + ca_module._DQ_TILES}
-               | {(16, 16)})
+# Every (BLOCK_M, BLOCK_N) an autotune list holds, plus the smallest; the fused backward fixes BLOCK_M = Lq,
+# so only its BLOCK_N values are new there.
+_SPLIT_LISTS = ca_module._FWD_TILES + ca_module._DKDV_TILES + ca_module._DQ_TILES
+SPLIT_TILES = sorted({(m, n) for m, n, _, _ in _SPLIT_LISTS} | {(16, 16)})
+FUSED_TILES = sorted({(64, n) for n, _, _ in ca_module._FUSED_BWD_TILES} | {(16, 16)})
+TILE_CASES = [("split_bwd", t) for t in SPLIT_TILES] + [("fused_bwd", t) for t in FUSED_TILES]
+# On CUDA the tensor-core path is the one worth checking per tile; the interpreter is exact either way.
+TILE_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 
 
-@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
-def test_every_tile_shape_is_correct(tile, monkeypatch):
+@pytest.mark.parametrize("path,tile", TILE_CASES, ids=lambda x: x if isinstance(x, str) else f"{x[0]}x{x[1]}")
+def test_every_tile_shape_is_correct(path, tile, monkeypatch):
     """Each (BLOCK_M, BLOCK_N) the autotuner may pick gives the same numbers: rebuild the kernels with only
     that tile (the interpreter, and the default test mode, otherwise use a single one)."""
     import triton
 
+    if path == "split_bwd":
+        monkeypatch.setattr(ca_module, "_FUSED_BWD_MAX_TILE", 0)
     block_m, block_n = tile
+    sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     monkeypatch.setattr(
         ca_module, "_configs",
-        lambda tiles: [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=2)],
+        lambda tiles, names=("BLOCK_M", "BLOCK_N"): [
+            triton.Config({n: sizes[n] for n in names}, num_warps=4, num_stages=2)
+        ],
     )
     ca_module._triton_kernels.cache_clear()
     try:
-        q, k, v, do, mask = _inputs((2, 2, 40, 150, 32), torch.float32, "holes_and_empty", seed=7)
+        q, k, v, do, mask = _inputs((2, 2, 40, 150, 32), TILE_DTYPE, "holes_and_empty", seed=7)
         got = _run("triton", q, k, v, do, mask)
     finally:
         ca_module._triton_kernels.cache_clear()  # the next test rebuilds with the real configs
     ref = _reference(q, k, v, do, mask)
     torch_got = _run("torch", q, k, v, do, mask)
-    _assert_close_as_torch(got, torch_got, ref, torch.float32, f"tile {tile}")
+    _assert_close_as_torch(got, torch_got, ref, TILE_DTYPE, f"{path} tile {tile}")
 
 
 def test_pruner_respects_lengths_and_shared_memory(monkeypatch):
