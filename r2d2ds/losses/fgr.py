@@ -14,6 +14,7 @@ from torch import Tensor
 
 from r2d2ds.distributed import local_group
 from r2d2ds.kernels import sample_hard_negatives
+from r2d2ds.models.r2d2 import R2D2
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def itm_accuracy(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     return correct.float().sum() / valid.float().sum().clamp_min(1.0)
 
 
-def fgr_loss(model, img_tokens: Tensor, txt_tokens: Tensor, attention_mask: Tensor, image_emb: Tensor,
+def fgr_loss(model: R2D2, img_tokens: Tensor, txt_tokens: Tensor, attention_mask: Tensor, image_emb: Tensor,
              text_emb: Tensor, logit_scale: Tensor, labels: Tensor | None, generator: torch.Generator | None,
              class_weights: tuple[float, float], impl: str = "auto") -> tuple[Tensor, Tensor]:
     """(FGR loss = mean over the two cross encoders of the weighted ITM CE, ITM accuracy over both)."""

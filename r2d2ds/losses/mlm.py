@@ -19,9 +19,8 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, probability: float, m
     selected, one eligible token (uniformly chosen) is forced, so every batch has at least one MLM target;
     this is done with tensor ops, without a host sync.
     """
-    eligible = attention_mask.bool()
-    for t in special_token_ids:
-        eligible &= input_ids != t
+    specials = torch.tensor(special_token_ids, dtype=input_ids.dtype, device=input_ids.device)
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, specials)  # (B, L); never in-place on the mask
     u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     selected = (u < probability) & eligible
     # Guarantee one target: the eligible position with the largest fresh random score, only if none selected.

@@ -132,9 +132,11 @@ class TextTower(nn.Module):
         config = _text_config(cfg, vocab_size)
         config.pad_token_id = pad_token_id
         if cfg.text_pretrained and cfg.text_model != CONFIG_ONLY:
-            # Overrides (dropout, ...) apply; a different vocabulary size resizes the embedding table.
+            # Overrides (dropout, ...) apply; the checkpoint keeps its vocabulary size, resized below when the
+            # tokenizer's differs.
+            over = {k: v for k, v in cfg.text_config.items() if k != "vocab_size"}
             self.body = self._build(lambda **kw: AutoModel.from_pretrained(
-                cfg.text_model, local_files_only=True, **{**cfg.text_config, **kw}))
+                cfg.text_model, local_files_only=True, **{**over, **kw}))
             if self.body.get_input_embeddings().num_embeddings != vocab_size:
                 self.body.resize_token_embeddings(vocab_size)
         else:

@@ -118,6 +118,23 @@ def test_text_tower_resolution(tmp_path, caplog):
         TextTower(tiny_model_config(text_model="surely-not-a-local-model-xyz", text_pretrained=True), VOCAB)
 
 
+def test_text_tower_pretrained_from_local_dir(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    src = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=48), add_pooling_layer=False)
+    src.save_pretrained(tmp_path)
+    cfg = tiny_model_config(text_model=str(tmp_path), text_pretrained=True, text_config={})
+    tower = TextTower(cfg, VOCAB)
+    for (n, a), b in zip(src.state_dict().items(), tower.body.state_dict().values()):
+        assert torch.equal(a, b), n  # weights loaded, not re-initialised
+    bigger = TextTower(cfg, VOCAB + 7)  # tokenizer with more tokens: the table is resized, old rows kept
+    emb = bigger.body.get_input_embeddings().weight
+    assert emb.shape[0] == VOCAB + 7
+    assert torch.equal(emb[:VOCAB], src.get_input_embeddings().weight)
+
+
 def test_cnn_image_tower_gets_pooled_token_first():
     tower = ImageTower(tiny_model_config(image_model="test_convnext", image_kwargs={}))
     tokens, pooled = tower(torch.randn(2, 3, 64, 64))
