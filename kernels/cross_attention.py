@@ -9,8 +9,10 @@ impl:
   "reference"  naive softmax(q k^T) v in the input dtype (holds Lq x Lk); the test oracle in float64.
   "torch"      F.scaled_dot_product_attention with the contract's mask handling; the CPU default.
   "triton"     fused FlashAttention-2 style kernels (forward: online softmax, per-row LSE saved; backward:
-               tiles recomputed from the LSE); CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1).
-  "auto"       "triton" on CUDA when triton is importable, else "torch".
+               tiles recomputed from the LSE, one fused kernel when all query rows fit one program, as
+               R2D2's 64 text tokens do); CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1).
+  "auto"       "triton" on CUDA for fp32 / bf16 / fp16 and Dh <= 256 when triton is importable, else "torch".
+The triton path is autotuned on CUDA; R2D2DS_AUTOTUNE=0 keeps one config per kernel (quick runs, tests).
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ _FUSED_BWD_TILES = [  # (BLOCK_N, warps, stages): BLOCK_M is fixed to cover ever
 
 # The interpreter runs one program at a time in numpy: one mid-sized config, no tuning.
 _INTERPRET_TILE = {"BLOCK_M": 32, "BLOCK_N": 64}
-# The backward holds all of a (batch, head)'s query rows in one program while BLOCK_M * BLOCK_D stays within
-# this many elements (Lq = 64 at Dh <= 128); longer queries take the split dK/dV + dQ kernels.
+# The backward holds all of a (batch, head)'s query rows in one program while BLOCK_M <= 128 and
+# BLOCK_M * BLOCK_D stays within this many elements (Lq <= 64 at Dh 128, <= 128 at Dh 64), so the register
+# tiles do not spill; longer queries take the split dK/dV + dQ kernels.
 _FUSED_BWD_MAX_TILE = 64 * 128
 
 
@@ -464,7 +467,8 @@ def _pow2_at_least_16(n: int) -> int:
 
 def _fused_bwd_fits(lq: int, head_dim: int) -> bool:
     """Whether the backward runs as one fused kernel (all query rows in one program) or the split pair."""
-    return _pow2_at_least_16(lq) * _pow2_at_least_16(head_dim) <= _FUSED_BWD_MAX_TILE
+    block_m = _pow2_at_least_16(lq)
+    return block_m <= 128 and block_m * _pow2_at_least_16(head_dim) <= _FUSED_BWD_MAX_TILE
 
 
 def _cross_attention_fwd(
@@ -607,7 +611,8 @@ def cross_attention(
     _check_inputs(q, k, v, key_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_importable() else "torch"
+        kernel_ok = q.is_cuda and q.dtype in _KERNEL_DTYPES and q.shape[-1] <= 256
+        impl = "triton" if kernel_ok and _triton_importable() else "torch"
     if impl == "reference":
         return cross_attention_reference(q, k, v, key_mask, scale)
     if impl == "torch":
