@@ -26,12 +26,13 @@ class Temperature(nn.Module):
 
     def __init__(self, init: float, tau_min: float, tau_max: float) -> None:
         super().__init__()
-        self.log_tau = nn.Parameter(torch.tensor(math.log(init), dtype=torch.float32))
+        # Shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors cannot take.
+        self.log_tau = nn.Parameter(torch.full((1,), math.log(init), dtype=torch.float32))
         self.log_min, self.log_max = math.log(tau_min), math.log(tau_max)
 
     def forward(self) -> Tensor:
         # fp32 whatever the module dtype: the scale multiplies logits accumulated in fp32.
-        return torch.exp(-self.log_tau.float().clamp(self.log_min, self.log_max))  # 0-dim, 1/tau
+        return torch.exp(-self.log_tau.float().clamp(self.log_min, self.log_max)).squeeze(0)  # 0-dim, 1/tau
 
 
 class Projection(nn.Module):
