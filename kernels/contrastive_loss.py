@@ -159,7 +159,7 @@ def _torch_teacher_lse(xt, yt, scale):
 
 
 def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w,
-                   cnt_c=None, lse_c=None, tlse_c=None):
+                   cnt_c=None, lse_c=None, tlse_c=None, out_dtype=None):
     """Gradient of sum_i w * CE_i: dx (B, D), dy (N, D) fp32 and the dot-product part of dscale (0-dim).
 
     lse_c (N,) given: rows and columns are the same batch (single process), and the column direction's rows
@@ -191,6 +191,8 @@ def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w
         g.mul_(scale)  # dLoss/d<x, y>: the chain rule through s = scale * <x, y>
         dx[r0:r1] = g @ yf
         dy.addmm_(g.T, xb)
+    if out_dtype is not None:
+        dx, dy = dx.to(out_dtype), dy.to(out_dtype)
     return dx, dy, ds
 
 
@@ -508,8 +510,12 @@ def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row
 
 
 def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, w,
-                cnt_c=None, lse_c=None, tlse_c=None):
-    """dx (B, D), dy (N, D) fp32 and dscale's dot part; lse_c given = FUSE_T (rows and columns one batch)."""
+                cnt_c=None, lse_c=None, tlse_c=None, out_dtype=None):
+    """dx (B, D), dy (N, D) and dscale's dot part; lse_c given = FUSE_T (rows and columns one batch).
+
+    dx and dy are accumulated in fp32 buffers; out_dtype casts each one when its kernel is done, so at most
+    one fp32 buffer is alive (peak: the grads plus one fp32 (B, D) buffer = 2x the bf16 embeddings).
+    """
     _check(x, y, xt, yt, ids_r, ids_c)
     b, d = x.shape
     n = y.shape[0]
@@ -519,7 +525,6 @@ def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, 
     if not fuse:  # column counts are only read under FUSE_T; any (N,) fp32 buffer will do
         cnt_c = torch.ones(n, dtype=torch.float32, device=x.device) if cnt_c.shape[0] != n else cnt_c
     dx = torch.full((b, d), float("nan"), dtype=torch.float32, device=x.device)
-    dy = torch.full((n, d), float("nan"), dtype=torch.float32, device=x.device)
     ds = torch.full((triton.cdiv(b, 16),), float("nan"), dtype=torch.float32, device=x.device)
     args = (x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, cnt_c, lse_r,
             lse_c if fuse else lse_r, tlse_r if teacher else lse_r,
@@ -533,8 +538,13 @@ def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, 
         return (triton.cdiv(b, meta["BLOCK_M"]),)
 
     _bwd_dx_kernel[grid_dx](*args, dx, ds, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
+    if out_dtype is not None:
+        dx = dx.to(out_dtype)
+    dy = torch.full((n, d), float("nan"), dtype=torch.float32, device=x.device)
     _bwd_dy_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         *args, dy, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
+    if out_dtype is not None:
+        dy = dy.to(out_dtype)
     return dx, dy, ds[: triton.cdiv(b, used["m"])].sum()
 
 
@@ -630,7 +640,8 @@ class _ContrastiveLoss(torch.autograd.Function):
         w = grad.float() * (0.5 * world / n)
         if world == 1:  # rows and columns are one batch: both directions in one pass over the tiles
             d_img, d_txt, ds = backend.bwd(image_emb, text_emb, scale, ids_r, ids_c, cnt, t_img, t_txt, alpha,
-                                           lse0, tlse0, w, cnt_c=cnt, lse_c=lse1, tlse_c=tlse1)
+                                           lse0, tlse0, w, cnt_c=cnt, lse_c=lse1, tlse_c=tlse1,
+                                           out_dtype=image_emb.dtype)
         else:
             dx_img, dy_txt, ds0 = backend.bwd(image_emb, txt_all, scale, ids_r, ids_c, cnt, t_img, tt_all,
                                               alpha, lse0, tlse0, w)
