@@ -106,16 +106,21 @@ def bwd_path(request, monkeypatch):
     return request.param
 
 
-def _skip_duplicate(bwd_path, shape):
+def _skip_duplicate(bwd_path, shape, dtype):
     if bwd_path == "fused_bwd" and not ca_module._fused_bwd_fits(shape[2], shape[4]):
         pytest.skip(f"Lq = {shape[2]} takes the split backward anyway")
+    if bwd_path == "split_bwd" and ON_CUDA and dtype != torch.bfloat16 and ca_module._fused_bwd_fits(
+            shape[2], shape[4]):
+        # Every variant is a compile on CUDA: the forced split path is checked at bf16 there (all dtypes run
+        # it at Lq = 257, and every tile runs it in test_every_tile_shape_is_correct).
+        pytest.skip("forced split backward: bf16 only on CUDA (compile budget)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_matches_reference_within_torch_error(shape, mask_kind, dtype, bwd_path):
-    _skip_duplicate(bwd_path, shape)
+    _skip_duplicate(bwd_path, shape, dtype)
     q, k, v, do, mask = _inputs(shape, dtype, mask_kind)
     ref = _reference(q, k, v, do, mask)
     torch_got = _run("torch", q, k, v, do, mask)
