@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from r2d2ds.config import DataConfig
-from r2d2ds.data.transforms import decode_image, image_transform
+from r2d2ds.data.transforms import decode_image, normalize_batch, pixel_transform
 from r2d2ds.data.writer import MANIFEST_FORMAT
 
 logger = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class _SlotDataset(IterableDataset):
         local = ((info.id if info is not None else 0) + self.rotation) % workers
         slot, n_slots = self.rank * workers + local, self.world * workers
         epoch, consumed, batches = self.positions[local]
-        transform = image_transform(cfg.image_size, train=True, augment=cfg.augment)
+        transform = pixel_transform(cfg.image_size, train=True, augment=cfg.augment)
         counter = SkipCounter()
         empty_epochs = 0
         while self.max_epochs is None or epoch < self.max_epochs:
@@ -344,7 +344,7 @@ class _SlotDataset(IterableDataset):
                              max_length=self.cfg.max_text_len, return_tensors="pt")
         n, reasons = counter.take()
         return {
-            "image": torch.stack([p[1] for p in pending]).float(),  # (B, 3, H, W)
+            "image": normalize_batch(torch.stack([p[1] for p in pending])),  # (B, 3, H, W) float32
             "input_ids": enc["input_ids"].long(),  # (B, L)
             "attention_mask": enc["attention_mask"].long(),  # (B, L)
             "image_id": torch.tensor([p[3] for p in pending], dtype=torch.int64),  # (B,)
@@ -452,7 +452,7 @@ class RetrievalSplit:
 def load_retrieval_split(spec: str, split: str, tokenizer: Any, image_size: int, max_images: int = 0,
                          max_text_len: int = 32) -> RetrievalSplit:
     shards = resolve_shards(spec, split)
-    transform = image_transform(image_size, train=False)
+    transform = pixel_transform(image_size, train=False)
     counter = SkipCounter()
     images: list[torch.Tensor] = []
     keys: list[str] = []
@@ -485,7 +485,7 @@ def load_retrieval_split(spec: str, split: str, tokenizer: Any, image_size: int,
                          f"{dict(counter.reasons)})")
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_text_len,
                     return_tensors="pt")
-    return RetrievalSplit(images=torch.stack(images).float(), input_ids=enc["input_ids"].long(),
+    return RetrievalSplit(images=normalize_batch(torch.stack(images)), input_ids=enc["input_ids"].long(),
                           attention_mask=enc["attention_mask"].long(),
                           text_to_image=torch.tensor(t2i, dtype=torch.int64), image_keys=keys,
                           image_ids=torch.tensor(ids, dtype=torch.int64), captions=texts,

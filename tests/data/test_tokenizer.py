@@ -1,4 +1,4 @@
-"""Tokenizer loading and the image transform."""
+"""Tokenizer loading and the image transforms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from r2d2ds.data import image_transform, load_tokenizer
+from r2d2ds.config import DataConfig
+from r2d2ds.data import TrainStream, decode_image, image_transform, load_retrieval_split, load_tokenizer
 from r2d2ds.data.transforms import MEAN, STD
 
 
@@ -61,3 +62,21 @@ def test_image_transform_eval_and_augment():
     assert y[0, 16, 0] > y[2, 16, 0]
     z = image_transform(24, train=True, augment=True)(img)
     assert z.shape == (3, 24, 24)
+
+
+def test_stream_and_eval_pixels_match_image_transform(synth_dir, synth_tokenizer):
+    """The pipelines normalise per batch (uint8 per image); the numbers must equal the public transform's."""
+    import tarfile
+
+    split = load_retrieval_split(str(synth_dir), "val", synth_tokenizer, image_size=48, max_images=3)
+    with tarfile.open(synth_dir / "val-000000.tar") as tf:
+        data = tf.extractfile("val_00000002.jpg").read()
+    expected = image_transform(48, train=False)(decode_image(data))
+    assert split.image_keys[2] == "val_00000002"
+    assert torch.allclose(split.images[2], expected, atol=1e-5)
+    cfg = DataConfig(train=str(synth_dir), image_size=48, micro_batch=2, shuffle_buffer=0, max_text_len=16)
+    batch = next(iter(TrainStream(cfg, synth_tokenizer, shards=[str(synth_dir / "val-000000.tar")])))
+    assert batch["key"] == ["val_00000000", "val_00000001"]  # no shuffle buffer: tar order
+    with tarfile.open(synth_dir / "val-000000.tar") as tf:
+        first = tf.extractfile("val_00000000.jpg").read()
+    assert torch.allclose(batch["image"][0], image_transform(48, train=True)(decode_image(first)), atol=1e-5)
