@@ -112,6 +112,19 @@ def _torch_block_rows(n_cols: int) -> int:
     return max(16, min(4096, _TORCH_BLOCK_ELEMS // max(n_cols, 1)))
 
 
+def _segment_sum(keys: torch.Tensor, vals: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """(Q, D): for each query id, the sum of the `vals` rows whose key equals it (0 when none).
+
+    O((K + Q) log K). The uniform multi-positive targets only meet the logits as sums over same-id rows, so
+    their part of the loss and of every gradient is an O(N*D) segment sum instead of a (B, N) mask:
+    sum_j y_ij s_ij = scale * <x_i, sum_{j: id_j = id_i} y_j> / cnt_i.
+    """
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    sums = vals.new_zeros(uniq.shape[0], vals.shape[1]).index_add_(0, inv, vals)
+    idx = torch.searchsorted(uniq, query).clamp_(max=uniq.shape[0] - 1)
+    return sums[idx] * (uniq[idx] == query)[:, None]
+
+
 def _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, sample_gen=None):
     """One direction, rows x (B, D) over columns y (N, D): lse (B,), tgt (B,) fp32 and sampled negatives.
 
@@ -119,24 +132,22 @@ def _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, sample
     negative per row (positives excluded), else None.
     """
     b = x.shape[0]
+    xf, yf = x.float(), y.float()
     lse = torch.empty(b, dtype=torch.float32, device=x.device)
-    tgt = torch.empty_like(lse)
+    # label part of sum_j q_ij s_ij: (1 - alpha) * scale * <x_i, sum of same-id columns> / cnt_i
+    tgt = (1.0 - alpha) * scale * (xf * _segment_sum(ids_c, yf, ids_r)).sum(1) / cnt_r
     neg = torch.empty(b, dtype=torch.long, device=x.device) if sample_gen is not None else None
-    yf = y.float()
     ytf = None if yt is None else yt.float()
     step = _torch_block_rows(y.shape[0])
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
-        s = (x[r0:r1].float() @ yf.T) * scale  # (blk, N) fp32
+        s = (xf[r0:r1] @ yf.T) * scale  # (blk, N) fp32
         lse[r0:r1] = torch.logsumexp(s, dim=1)
-        pos = ids_r[r0:r1, None] == ids_c[None, :]  # (blk, N) positives
-        q = pos.float() / cnt_r[r0:r1, None]
-        if tlse is not None:
+        if tlse is not None:  # teacher part: alpha * sum_j softmax(t)_ij s_ij
             t = (xt[r0:r1].float() @ ytf.T) * scale
-            q = (1.0 - alpha) * q + alpha * torch.exp(t - tlse[r0:r1, None])
-        tgt[r0:r1] = (q * s).sum(1)
+            tgt[r0:r1] += alpha * (torch.exp(t - tlse[r0:r1, None]) * s).sum(1)
         if sample_gen is not None:
-            neg[r0:r1] = _gumbel_argmax(s, pos, sample_gen)
+            neg[r0:r1] = _gumbel_argmax(s, ids_r[r0:r1, None] == ids_c[None, :], sample_gen)
     return lse, tgt, neg
 
 
@@ -160,13 +171,15 @@ def _torch_teacher_lse(xt, yt, scale):
 
 def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w,
                    cnt_c=None, lse_c=None, tlse_c=None, out_dtype=None):
-    """Gradient of sum_i w * CE_i: dx (B, D), dy (N, D) fp32 and the dot-product part of dscale (0-dim).
+    """Gradient of sum_i w * CE_i: dx (B, D), dy (N, D) and the dot-product part of dscale (0-dim).
 
     lse_c (N,) given: rows and columns are the same batch (single process), and the column direction's rows
     (t2i, LSE lse_c, teacher LSE tlse_c, counts cnt_c) join the same tiles: one backward pass for both.
+    G = w (p - q): the dense part w (p - alpha softmax(t)) goes through the (blk, N) tiles, the label part
+    -w (1 - alpha) pos / cnt through segment sums (_segment_sum), O(N*D).
     """
     b = x.shape[0]
-    yf = y.float()
+    xf, yf = x.float(), y.float()
     ytf = None if yt is None else yt.float()
     dx = torch.empty(b, x.shape[1], dtype=torch.float32, device=x.device)
     dy = torch.zeros_like(yf)
@@ -174,23 +187,38 @@ def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w
     step = _torch_block_rows(y.shape[0])
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
-        xb = x[r0:r1].float()
+        xb = xf[r0:r1]
         dot = xb @ yf.T  # (blk, N)
         s = dot * scale
-        pos = (ids_r[r0:r1, None] == ids_c[None, :]).float()
-        g = torch.exp(s - lse[r0:r1, None]) - (1.0 - alpha) * pos / cnt_r[r0:r1, None]  # p - q
+        g = torch.exp(s - lse[r0:r1, None])  # p
         if lse_c is not None:
-            g += torch.exp(s - lse_c[None, :]) - (1.0 - alpha) * pos / cnt_c[None, :]
+            g += torch.exp(s - lse_c[None, :])
+        del s
         if tlse is not None:
             t = (xt[r0:r1].float() @ ytf.T) * scale
             g -= alpha * torch.exp(t - tlse[r0:r1, None])
             if lse_c is not None:
                 g -= alpha * torch.exp(t - tlse_c[None, :])
-        g *= w  # (blk, N) dLoss/ds
+            del t
+        g *= w  # (blk, N) dense part of dLoss/ds
         ds += (g * dot).sum()
-        g.mul_(scale)  # dLoss/d<x, y>: the chain rule through s = scale * <x, y>
+        del dot
+        g *= scale  # dLoss/d<x, y>: the chain rule through s = scale * <x, y>
         dx[r0:r1] = g @ yf
         dy.addmm_(g.T, xb)
+    # label part: G_ij -= c pos_ij / cnt_i (row direction) and, fused, c pos_ij / cnt_j (column direction)
+    c = (1.0 - alpha) * w
+    y_same = _segment_sum(ids_c, yf, ids_r)  # (B, D) sum of same-id columns per row
+    x_same = _segment_sum(ids_r, xf / cnt_r[:, None], ids_c)  # (N, D) sum of same-id rows / cnt_i per column
+    dx -= (c * scale) * y_same / cnt_r[:, None]
+    dy -= (c * scale) * x_same
+    ds -= c * (xf * y_same).sum(1).div(cnt_r).sum()
+    if lse_c is not None:
+        x_same_c = _segment_sum(ids_r, xf, ids_c)  # (N, D)
+        y_same_c = _segment_sum(ids_c, yf / cnt_c[:, None], ids_r)  # (B, D)
+        dx -= (c * scale) * y_same_c
+        dy -= (c * scale) * x_same_c / cnt_c[:, None]
+        ds -= c * (yf * x_same_c).sum(1).div(cnt_c).sum()
     if out_dtype is not None:
         dx, dy = dx.to(out_dtype), dy.to(out_dtype)
     return dx, dy, ds
