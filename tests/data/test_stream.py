@@ -250,3 +250,13 @@ def test_resolve_shards_forms_and_errors(synth_dir, tmp_path):
         resolve_shards(str(tmp_path / "nothere-{0..3}.tar"), "train")
     with pytest.raises(FileNotFoundError, match="'val'"):
         resolve_shards(str(tmp_path), "val")
+
+
+def test_all_bad_data_raises_instead_of_hanging(tmp_path, synth_tokenizer):
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tf:
+        for i in range(3):
+            add_member(tf, f"x{i}.jpg", b"not an image")
+            add_member(tf, f"x{i}.txt", "说明".encode())
+    stream = TrainStream(_cfg(str(tmp_path)), synth_tokenizer)
+    with pytest.raises(RuntimeError, match=r"no batch of data\.micro_batch=1 valid samples.*corrupt_image"):
+        next(iter(stream))
