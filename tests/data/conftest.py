@@ -1,14 +1,10 @@
-"""Fixtures for the data tests: a small synthetic dataset and hand-built shards."""
+"""Fixtures for the data tests: a small synthetic dataset and its tokenizer."""
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from r2d2ds.data.prepare import prepare_synthetic
 from r2d2ds.data.tokenizer import load_tokenizer
@@ -25,19 +21,3 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_tokenizer(synth_dir):
     return load_tokenizer("auto", str(synth_dir))
-
-
-def jpeg_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def caption_json(*captions: str, **extra) -> bytes:
-    return json.dumps({"captions": list(captions), **extra}, ensure_ascii=False).encode("utf-8")

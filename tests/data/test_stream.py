@@ -15,7 +15,7 @@ from r2d2ds.config import DataConfig
 from r2d2ds.data import TrainStream, key_to_image_id, load_retrieval_split, resolve_shards
 from r2d2ds.data.shards import epoch_shards
 
-from .conftest import add_member, caption_json, jpeg_bytes
+from .shard_utils import add_member, caption_json, jpeg_bytes
 
 
 def _cfg(train: str, **kw) -> DataConfig:
