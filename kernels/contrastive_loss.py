@@ -513,9 +513,11 @@ def _check(x: torch.Tensor, y: torch.Tensor, xt, yt, ids_r, ids_c) -> None:
 
 
 def _flags(x: torch.Tensor) -> dict:
+    # fp32 on CUDA: IEEE products unless torch itself allows tf32 matmuls; bf16 / fp16: Triton's default
+    # (the precision flag only changes fp32 operands); the interpreter computes exactly anyway.
     interp = _interpreting()
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return {"DOT_FP32": interp, "PREC": "tf32" if tf32 else "ieee"}
+    ieee = interp or (x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {"DOT_FP32": interp, "PREC": "ieee" if ieee else "tf32"}
 
 
 def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row_off, compute_tgt=True):
