@@ -26,7 +26,8 @@ class Temperature(nn.Module):
 
     def __init__(self, init: float, tau_min: float, tau_max: float) -> None:
         super().__init__()
-        # Shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors cannot take.
+        # Shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors cannot
+        # take.
         self.log_tau = nn.Parameter(torch.full((1,), math.log(init), dtype=torch.float32))
         self.log_min, self.log_max = math.log(tau_min), math.log(tau_max)
 

@@ -6,10 +6,10 @@ heads). Nothing here downloads: configs are local or built from `text_config`, w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import types
 from typing import Any
 
 import torch
@@ -61,8 +61,9 @@ class ImageTower(nn.Module):
                                  f"{cfg.image_model!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         # Tokens and pooled vector come out of ONE call of the timm module (its own forward replaced on this
         # instance): ZeRO-3 gathers a module's direct parameters (a ViT's cls_token, pos_embed) in its forward
-        # pre-hook, which calling forward_features() directly would bypass. deepcopy rebinds the method.
-        self.body.forward = types.MethodType(_features_and_pooled, self.body)
+        # pre-hook, which calling forward_features() directly would bypass. A partial of a module-level
+        # function (not a bound method) survives deepcopy and pickling with the instance.
+        self.body.forward = functools.partial(_features_and_pooled, self.body)
         # ViTs with a class token already put it first; others (avg-pooled ViTs, CNNs) get the pooled vector
         # prepended so that "first token" always means a summary token for the image-query ITM head.
         self.has_cls = getattr(self.body, "cls_token", None) is not None

@@ -87,6 +87,23 @@ def test_model_holds_no_direct_parameter(model):
     assert list(model.parameters(recurse=False)) == []
 
 
+def test_copy_and_pickle_roundtrip(model):
+    """deepcopy (the EMA teacher) and whole-module pickling keep the image tower's tokens+pooled entry."""
+    import copy
+    import io
+
+    x = torch.randn(2, 3, 32, 32)
+    clone = copy.deepcopy(model)
+    assert clone.image_tower.body.forward.args[0] is clone.image_tower.body
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.image_tower.body.forward.args[0] is loaded.image_tower.body
+    for m in (clone, loaded):
+        torch.testing.assert_close(m.encode_image(x)[0], model.encode_image(x)[0])
+
+
 def test_vocab_size_argument_wins_and_no_tied_decoder():
     cfg = tiny_model_config(text_config={**tiny_model_config().text_config, "vocab_size": 7})
     m = R2D2(cfg, vocab_size=55)
