@@ -25,7 +25,13 @@ import os
 
 import torch
 
-from r2d2ds.distributed.collectives import all_gather_rows, gather_sizes, reduce_scatter_rows, row_offset
+from r2d2ds.distributed.collectives import (
+    all_gather_rows,
+    gather_sizes,
+    reduce_scatter_rows,
+    reduce_scatter_rows_async,
+    row_offset,
+)
 
 __all__ = ["contrastive_loss", "contrastive_loss_reference"]
 
@@ -673,12 +679,14 @@ class _ContrastiveLoss(torch.autograd.Function):
                                            lse0, tlse0, w, cnt_c=cnt, lse_c=lse1, tlse_c=tlse1,
                                            out_dtype=image_emb.dtype)
         else:
-            dx_img, dy_txt, ds0 = backend.bwd(image_emb, txt_all, scale, ids_r, ids_c, cnt, t_img, tt_all,
-                                              alpha, lse0, tlse0, w)
+            # t2i first; its column grads (all images) travel to their owners while i2t computes.
             dx_txt, dy_img, ds1 = backend.bwd(text_emb, img_all, scale, ids_r, ids_c, cnt, t_txt, ti_all,
                                               alpha, lse1, tlse1, w)
-            d_img = dx_img + reduce_scatter_rows(dy_img, sizes, group)  # columns' grads go to their owners
+            img_owner = reduce_scatter_rows_async(dy_img, sizes, group)
+            dx_img, dy_txt, ds0 = backend.bwd(image_emb, txt_all, scale, ids_r, ids_c, cnt, t_img, tt_all,
+                                              alpha, lse0, tlse0, w)
             d_txt = dx_txt + reduce_scatter_rows(dy_txt, sizes, group)
+            d_img = dx_img + img_owner.wait()
             ds = ds0 + ds1
         d_scale = None
         if ctx.needs_input_grad[2]:

@@ -52,29 +52,41 @@ def all_gather_rows(t: torch.Tensor, sizes: list[int], group=None) -> torch.Tens
 
 def reduce_scatter_rows(t: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     """Sum over ranks of (sum(sizes), ...) `t`, returning this rank's rows (routes grads to their owners)."""
+    return reduce_scatter_rows_async(t, sizes, group).wait()
+
+
+class _Pending:
+    """A reduce-scatter in flight: `wait()` returns this rank's rows once the collective is done."""
+
+    def __init__(self, out: torch.Tensor, work=None, rows: int | None = None):
+        self.out, self.work, self.rows = out, work, rows
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.out if self.rows is None else self.out[: self.rows]
+
+
+def reduce_scatter_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> _Pending:
+    """Start `reduce_scatter_rows` without waiting (async_op): the caller overlaps it with more compute, e.g.
+    the second direction's backward kernels while the first direction's column grads travel."""
     world = len(sizes)
     if world == 1:
-        return t
+        return _Pending(t)
     t = t.contiguous()
-    rank = get_rank(group)
     width = max(sizes)
-    if min(sizes) == width:
-        out = t.new_empty((width, *t.shape[1:]))
-        with warnings.catch_warnings():  # torch >= 2.12 renames it; older GPU images only have this name
-            warnings.simplefilter("ignore", FutureWarning)
-            dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.SUM, group=group)
-        return out
-    # Uneven rows: pad every rank's block to the widest, reduce-scatter, drop the padding.
-    padded = t.new_zeros((width * world, *t.shape[1:]))
-    start = 0
-    for r, s in enumerate(sizes):
-        padded[r * width: r * width + s] = t[start: start + s]
-        start += s
+    if min(sizes) != width:  # uneven rows: pad every rank's block to the widest, drop the padding after
+        padded = t.new_zeros((width * world, *t.shape[1:]))
+        start = 0
+        for r, s in enumerate(sizes):
+            padded[r * width: r * width + s] = t[start: start + s]
+            start += s
+        t = padded
     out = t.new_empty((width, *t.shape[1:]))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # torch >= 2.12 renames it; older GPU images only have this name
         warnings.simplefilter("ignore", FutureWarning)
-        dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
-    return out[: sizes[rank]]
+        work = dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return _Pending(out, work, sizes[get_rank(group)] if min(sizes) != width else None)
 
 
 def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> None:
