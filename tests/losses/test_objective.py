@@ -134,3 +134,15 @@ def test_parameters_are_used_only_inside_their_owners_forward():
                 p.data = data
     for k in KEYS:
         assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-6), k
+
+
+def test_bf16_student_with_fp32_teacher():
+    """The GPU configuration in miniature: bf16 student weights, fp32 EMA teacher, fp32 logged terms."""
+    obj, teacher = build(tiny_loss_config())
+    obj = obj.to(torch.bfloat16)
+    out = obj(tiny_batch(b=6, ids=[0, 0, 1, 2, 3, 3]), teacher, seed=1)
+    for k, v in out.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+    out["loss"].backward()
+    bad = [n for n, p in obj.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert bad == []
