@@ -36,6 +36,7 @@ class ModelConfig:
     image_pretrained: bool = False  # True needs the weights in the local HF cache (no hub access at run time)
     image_checkpoint: str | None = None  # optional local state_dict / safetensors file for the image tower
     # Text tower: a transformers BERT-family name, local directory or config.json; text_config overrides fields.
+    # "config": BertConfig(**text_config) from scratch (no hub); a name is read from the local cache only.
     text_model: str = "bert-base-chinese"
     text_config: dict[str, Any] = field(default_factory=dict)
     text_pretrained: bool = False

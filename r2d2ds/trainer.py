@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,8 @@ class Trainer:
 
         if self._eval_split is None:
             self._eval_split = load_retrieval_split(self.cfg.data.val, self.cfg.data.val_split, self.tokenizer,
-                                                    self.cfg.data.image_size, max_images=self.cfg.eval.max_images)
+                                                    self.cfg.data.image_size, max_images=self.cfg.eval.max_images,
+                                                    max_text_len=self.cfg.data.max_text_len)
         with self._autocast():
             metrics = evaluate(self.engine.module.model, self._eval_split, self.cfg.eval, device=self.device)
         self.engine.train()
@@ -225,5 +227,7 @@ class Trainer:
 
 
 def configure_logging() -> None:
+    # torch 2.13 flags all_gather_into_tensor (used inside DeepSpeed's ZeRO) as deprecated on every call.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
