@@ -131,6 +131,29 @@ def _segment_sum(keys: torch.Tensor, vals: torch.Tensor, query: torch.Tensor) ->
     return sums[idx] * (uniq[idx] == query)[:, None]
 
 
+class _Blocks:
+    """Row blocks of a (B, N) product and reused (blk, N) fp32 buffers: every block writes into the same
+    memory (torch.mm(out=), in-place elementwise ops), so a step allocates a few blocks once instead of a
+    dozen temporaries per block (a fresh large temporary costs page faults when freed memory is unmapped)."""
+
+    def __init__(self, b: int, n: int, device, count: int):
+        self.step = _torch_block_rows(n)
+        rows = min(b, self.step)
+        self.bufs = [torch.empty(rows, n, dtype=torch.float32, device=device) for _ in range(count)]
+
+    def ranges(self, b: int):
+        for r0 in range(0, b, self.step):
+            r1 = min(b, r0 + self.step)
+            yield r0, r1, [buf[: r1 - r0] for buf in self.bufs]
+
+
+def _row_lse(s: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """(blk,) logsumexp of the rows of s, using `work` (same shape) as scratch: max-shifted, fp32."""
+    mx = s.amax(dim=1)
+    torch.sub(s, mx[:, None], out=work).exp_()
+    return mx + work.sum(dim=1).log_()
+
+
 def _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, sample_gen=None):
     """One direction, rows x (B, D) over columns y (N, D): lse (B,), tgt (B,) fp32 and sampled negatives.
 
@@ -144,14 +167,13 @@ def _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, sample
     tgt = (1.0 - alpha) * scale * (xf * _segment_sum(ids_c, yf, ids_r)).sum(1) / cnt_r
     neg = torch.empty(b, dtype=torch.long, device=x.device) if sample_gen is not None else None
     ytf = None if yt is None else yt.float()
-    step = _torch_block_rows(y.shape[0])
-    for r0 in range(0, b, step):
-        r1 = min(b, r0 + step)
-        s = (xf[r0:r1] @ yf.T) * scale  # (blk, N) fp32
-        lse[r0:r1] = torch.logsumexp(s, dim=1)
+    blocks = _Blocks(b, y.shape[0], x.device, 3 if tlse is not None else 2)
+    for r0, r1, bufs in blocks.ranges(b):
+        s = torch.mm(xf[r0:r1], yf.T, out=bufs[0]).mul_(scale)  # (blk, N) fp32 logits
+        lse[r0:r1] = _row_lse(s, bufs[1])
         if tlse is not None:  # teacher part: alpha * sum_j softmax(t)_ij s_ij
-            t = (xt[r0:r1].float() @ ytf.T) * scale
-            tgt[r0:r1] += alpha * (torch.exp(t - tlse[r0:r1, None]) * s).sum(1)
+            t = torch.mm(xt[r0:r1].float(), ytf.T, out=bufs[2]).mul_(scale).sub_(tlse[r0:r1, None]).exp_()
+            tgt[r0:r1] += alpha * (t.mul_(s)).sum(1)
         if sample_gen is not None:
             neg[r0:r1] = _gumbel_argmax(s, ids_r[r0:r1, None] == ids_c[None, :], sample_gen)
     return lse, tgt, neg
@@ -168,10 +190,9 @@ def _gumbel_argmax(s: torch.Tensor, pos: torch.Tensor, gen: torch.Generator) -> 
 def _torch_teacher_lse(xt, yt, scale):
     b = xt.shape[0]
     out = torch.empty(b, dtype=torch.float32, device=xt.device)
-    ytf = yt.float()
-    step = _torch_block_rows(yt.shape[0])
-    for r0 in range(0, b, step):
-        out[r0:r0 + step] = torch.logsumexp((xt[r0:r0 + step].float() @ ytf.T) * scale, dim=1)
+    xtf, ytf = xt.float(), yt.float()
+    for r0, r1, bufs in _Blocks(b, yt.shape[0], xt.device, 2).ranges(b):
+        out[r0:r1] = _row_lse(torch.mm(xtf[r0:r1], ytf.T, out=bufs[0]).mul_(scale), bufs[1])
     return out
 
 
@@ -190,27 +211,22 @@ def _torch_dir_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse, tlse, w
     dx = torch.empty(b, x.shape[1], dtype=torch.float32, device=x.device)
     dy = torch.zeros_like(yf)
     ds = torch.zeros((), dtype=torch.float32, device=x.device)
-    step = _torch_block_rows(y.shape[0])
-    for r0 in range(0, b, step):
-        r1 = min(b, r0 + step)
+    blocks = _Blocks(b, y.shape[0], x.device, 3 + (tlse is not None))
+    for r0, r1, bufs in blocks.ranges(b):
         xb = xf[r0:r1]
-        dot = xb @ yf.T  # (blk, N)
-        s = dot * scale
-        g = torch.exp(s - lse[r0:r1, None])  # p
+        dot = torch.mm(xb, yf.T, out=bufs[0])  # (blk, N) <x, y>
+        g = torch.mul(dot, scale, out=bufs[1]).sub_(lse[r0:r1, None]).exp_()  # p
         if lse_c is not None:
-            g += torch.exp(s - lse_c[None, :])
-        del s
+            g += torch.mul(dot, scale, out=bufs[2]).sub_(lse_c[None, :]).exp_()
         if tlse is not None:
-            t = (xt[r0:r1].float() @ ytf.T) * scale
-            g -= alpha * torch.exp(t - tlse[r0:r1, None])
+            t = torch.mm(xt[r0:r1].float(), ytf.T, out=bufs[3]).mul_(scale)
+            g -= torch.sub(t, tlse[r0:r1, None], out=bufs[2]).exp_().mul_(alpha)
             if lse_c is not None:
-                g -= alpha * torch.exp(t - tlse_c[None, :])
-            del t
+                g -= t.sub_(tlse_c[None, :]).exp_().mul_(alpha)
         g *= w  # (blk, N) dense part of dLoss/ds
-        ds += (g * dot).sum()
-        del dot
+        ds += torch.dot(g.reshape(-1), dot.reshape(-1))
         g *= scale  # dLoss/d<x, y>: the chain rule through s = scale * <x, y>
-        dx[r0:r1] = g @ yf
+        torch.mm(g, yf, out=dx[r0:r1])
         dy.addmm_(g.T, xb)
     # label part: G_ij -= c pos_ij / cnt_i (row direction) and, fused, c pos_ij / cnt_j (column direction)
     c = (1.0 - alpha) * w
