@@ -115,11 +115,11 @@ def markdown(meta: dict, rows: list[dict], threads: int) -> str:
         f"{meta['python']}, torch {meta['torch']}, triton {meta['triton']}.",
         "Extra peak = peak RSS during the timed steps minus RSS after creating the fp32 inputs and one "
         "warm-up step (fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536). naive = open_clip's ClipLoss "
-        "computation (one B x B logits matrix, cross entropy both ways); torch = blockwise O(B*D); triton = the fused kernel in the Triton "
-        "interpreter (small B only). Time per step is the best timed forward+backward step; the machine is "
-        "shared, so times are indicative.",
+        "computation (one B x B logits matrix, cross entropy both ways); torch = blockwise O(B*D); "
+        "triton = the fused kernel in the Triton interpreter (small B only). Time per step is the best "
+        "timed forward+backward step; the machine is shared, so times are indicative.",
         "",
-        "| impl | B | D | extra peak (MiB) | vs naive | time / step (s) |",
+        "| impl | B | D | extra peak (MiB) | fraction of naive | time / step (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -127,11 +127,12 @@ def markdown(meta: dict, rows: list[dict], threads: int) -> str:
             lines.append(f"| {r['impl']} | {r['B']} | {r['D']} | error: {r['error']} | | |")
             continue
         ratio = ""
-        if r["B"] in naive and r["impl"] != "reference":
-            ratio = f"1/{naive[r['B']]['extra_peak_mib'] / max(r['extra_peak_mib'], 1e-9):.0f}"
+        if r["B"] in naive and r["impl"] != "naive":
+            ratio = f"{r['extra_peak_mib'] / naive[r['B']]['extra_peak_mib']:.3f}"
         lines.append(f"| {r['impl']} | {r['B']} | {r['D']} | {r['extra_peak_mib']:.1f} | {ratio} | "
                      f"{r['step_s']:.3f} |")
-    torch_rows = sorted((r for r in rows if r["impl"] == "torch" and "error" not in r), key=lambda r: r["B"])
+    main = [r for r in rows if "error" not in r and r.get("sweep") != "triton"]
+    torch_rows = sorted((r for r in main if r["impl"] == "torch"), key=lambda r: r["B"])
     if len(torch_rows) >= 2 and torch_rows[-1]["B"] in naive:
         big = torch_rows[-1]
         frac = big["extra_peak_mib"] / naive[big["B"]]["extra_peak_mib"]
@@ -157,12 +158,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--render", metavar="JSON", help="print the markdown table of a saved JSON and exit")
     args = p.parse_args()
-    cases = [(impl, b) for b in args.sizes for impl in args.impls]
-    cases += [(impl, b) for b in args.triton_sizes for impl in ("naive", "torch", "triton")]
+    if args.render:  # re-render the table of an existing JSON (no measurement)
+        with open(args.render) as f:
+            saved = json.load(f)
+        print(markdown(saved["meta"], saved["rows"], saved["threads"]))
+        return
+    cases = [(impl, b, "main") for b in args.sizes for impl in args.impls]
+    cases += [(impl, b, "triton") for b in args.triton_sizes for impl in ("naive", "torch", "triton")]
     rows = []
-    for impl, b in cases:
+    for impl, b, sweep in cases:
         r = run_case(impl, b, args.D, 1 if impl == "triton" else args.steps, args.threads)
+        r["sweep"] = sweep
         print(json.dumps(r), flush=True)
         rows.append(r)
     meta = versions()
