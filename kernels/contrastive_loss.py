@@ -27,6 +27,7 @@ import torch
 
 from r2d2ds.distributed.collectives import (
     all_gather_rows,
+    all_gather_rows_async,
     gather_sizes,
     reduce_scatter_rows,
     reduce_scatter_rows_async,
@@ -653,19 +654,26 @@ class _ContrastiveLoss(torch.autograd.Function):
         b = image_emb.shape[0]
         sizes = gather_sizes(b, image_emb.device, group)
         world, n = len(sizes), sum(sizes)
-        img_all = all_gather_rows(image_emb, sizes, group)  # (N, D) no autograd
+        # (N, D) gathered columns, no autograd. The images (and teacher images) are only needed by the t2i
+        # pass: they travel while the i2t pass runs.
+        img_pending = all_gather_rows_async(image_emb, sizes, group)
         txt_all = all_gather_rows(text_emb, sizes, group)
         ids_r, ids_c, cnt = _global_ids(labels, b, sizes, group, image_emb.device)
         teacher = t_img is not None and alpha != 0.0
-        ti_all = all_gather_rows(t_img, sizes, group) if teacher else None
+        ti_pending = all_gather_rows_async(t_img, sizes, group) if teacher else None
         tt_all = all_gather_rows(t_txt, sizes, group) if teacher else None
         scale_d = scale.detach()
         sample = seed is not None
         off = row_offset(sizes, group)
-        dirs = ((image_emb, txt_all, t_img, tt_all), (text_emb, img_all, t_txt, ti_all))
         lses, tlses, negs = [], [], []
         total = torch.zeros((), dtype=torch.float32, device=image_emb.device)
-        for k, (x, y, xt, yt) in enumerate(dirs):
+        for k in range(2):  # 0: i2t (local images over all texts), 1: t2i (local texts, all images)
+            if k == 0:
+                x, y, xt, yt = image_emb, txt_all, t_img, tt_all
+            else:
+                img_all = img_pending.wait()
+                ti_all = ti_pending.wait() if teacher else None
+                x, y, xt, yt = text_emb, img_all, t_txt, ti_all
             tlse = backend.teacher_lse(xt, yt, scale_d) if teacher else None
             lse, tgt, neg = backend.fwd(x, y, scale_d, ids_r, ids_c, cnt, xt if teacher else None,
                                         yt, alpha, tlse, None if not sample else seed + k, off)

@@ -32,39 +32,48 @@ def row_offset(sizes: list[int], group=None) -> int:
     return sum(sizes[: get_rank(group)])
 
 
+class _Pending:
+    """A collective in flight: `wait()` returns its result (after `post`, e.g. dropping padding) once done."""
+
+    def __init__(self, out: torch.Tensor, work=None, post=None):
+        self.out, self.work, self.post = out, work, post
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.out if self.post is None else self.post(self.out)
+
+
 def all_gather_rows(t: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     """(sum(sizes), ...) rank-major concatenation of every rank's `t` (sizes[rank] rows); no autograd."""
+    return all_gather_rows_async(t, sizes, group).wait()
+
+
+def all_gather_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> _Pending:
+    """Start `all_gather_rows` without waiting: e.g. images travel while the i2t pass (texts only) runs."""
     t = t.detach().contiguous()
     world = len(sizes)
     if world == 1:
-        return t
+        return _Pending(t)
     width = max(sizes)
-    if min(sizes) == width:  # equal rows: one collective straight into the output
-        out = t.new_empty((width * world, *t.shape[1:]))
-        _all_gather_into(out, t, group)
-        return out
-    padded = t.new_zeros((width, *t.shape[1:]))
-    padded[: t.shape[0]] = t
+    if min(sizes) != width:  # uneven rows: pad to the widest, gather, then keep each rank's real rows
+        padded = t.new_zeros((width, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        t = padded
     out = t.new_empty((width * world, *t.shape[1:]))
-    _all_gather_into(out, padded, group)
-    return torch.cat([out[r * width: r * width + s] for r, s in enumerate(sizes)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        work = dist.all_gather_into_tensor(out, t, group=group, async_op=True)
+    if min(sizes) == width:
+        return _Pending(out, work)
+    return _Pending(out, work, post=lambda o: torch.cat([o[r * width: r * width + s]
+                                                         for r, s in enumerate(sizes)]))
 
 
 def reduce_scatter_rows(t: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     """Sum over ranks of (sum(sizes), ...) `t`, returning this rank's rows (routes grads to their owners)."""
     return reduce_scatter_rows_async(t, sizes, group).wait()
-
-
-class _Pending:
-    """A reduce-scatter in flight: `wait()` returns this rank's rows once the collective is done."""
-
-    def __init__(self, out: torch.Tensor, work=None, rows: int | None = None):
-        self.out, self.work, self.rows = out, work, rows
-
-    def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-        return self.out if self.rows is None else self.out[: self.rows]
 
 
 def reduce_scatter_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> _Pending:
@@ -86,7 +95,8 @@ def reduce_scatter_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> 
     with warnings.catch_warnings():  # torch >= 2.12 renames it; older GPU images only have this name
         warnings.simplefilter("ignore", FutureWarning)
         work = dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return _Pending(out, work, sizes[get_rank(group)] if min(sizes) != width else None)
+    rows = sizes[get_rank(group)]
+    return _Pending(out, work, None if min(sizes) == width else (lambda o: o[:rows]))
 
 
 def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> None:
