@@ -210,6 +210,11 @@ def _coerce(val: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {val!r}")
         return val
     if hint is float:
+        if isinstance(val, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                val = float(val)
+            except ValueError:
+                pass
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {val!r}")
         return float(val)

@@ -51,6 +51,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.train.steps == 9 and cfg.train.lr == 0.01
     assert cfg.model.image_kwargs == {"depth": 2, "img_size": 32}
     assert cfg.loss.fgr_class_weights == (1.0, 3.0)
+    assert load_config(None, ["--train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads this as a string
 
 
 def test_round_trip_through_saved_yaml(tmp_path):
