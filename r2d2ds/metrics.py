@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
