@@ -180,6 +180,52 @@ def _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, sample
     return lse, tgt, neg
 
 
+def _torch_fwd_both(x, y, scale, ids, cnt, xt, yt, alpha, tlse_r, tlse_c):
+    """Single process, both directions from one pass over the row blocks of s = scale * x y^T (B = N).
+
+    Row (i2t) LSEs come from each block; column (t2i) LSEs are merged online over blocks (running max m and
+    sum l per column, O(N) state), so the forward does one (B, N, D) product instead of two. With a teacher,
+    tlse_r / tlse_c are its row / column LSEs. Returns lse_r, tgt_r, lse_c, tgt_c (all fp32 (B,)).
+    """
+    b, n = x.shape[0], y.shape[0]
+    xf, yf = x.float(), y.float()
+    lse_r = torch.empty(b, dtype=torch.float32, device=x.device)
+    m_c = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    l_c = torch.zeros(n, dtype=torch.float32, device=x.device)
+    tgt_r = (1.0 - alpha) * scale * (xf * _segment_sum(ids, yf, ids)).sum(1) / cnt
+    tgt_c = (1.0 - alpha) * scale * (yf * _segment_sum(ids, xf, ids)).sum(1) / cnt
+    teacher = tlse_r is not None
+    xtf = xt.float() if teacher else None
+    ytf = yt.float() if teacher else None
+    for r0, r1, bufs in _Blocks(b, n, x.device, 3 if teacher else 2).ranges(b):
+        s = torch.mm(xf[r0:r1], yf.T, out=bufs[0]).mul_(scale)  # (blk, N)
+        lse_r[r0:r1] = _row_lse(s, bufs[1])
+        m_new = torch.maximum(m_c, s.amax(dim=0))
+        l_c.mul_(torch.exp(m_c - m_new)).add_(torch.sub(s, m_new[None, :], out=bufs[1]).exp_().sum(dim=0))
+        m_c = m_new
+        if teacher:
+            t = torch.mm(xtf[r0:r1], ytf.T, out=bufs[2]).mul_(scale)
+            tgt_r[r0:r1] += alpha * torch.sub(t, tlse_r[r0:r1, None], out=bufs[1]).exp_().mul_(s).sum(1)
+            tgt_c += alpha * t.sub_(tlse_c[None, :]).exp_().mul_(s).sum(0)
+    return lse_r, tgt_r, m_c + l_c.log(), tgt_c
+
+
+def _torch_lse_both(x, y, scale):
+    """Row and column LSEs of scale * x y^T in one pass (the teacher's, for the TgD targets)."""
+    b, n = x.shape[0], y.shape[0]
+    xf, yf = x.float(), y.float()
+    lse_r = torch.empty(b, dtype=torch.float32, device=x.device)
+    m_c = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    l_c = torch.zeros(n, dtype=torch.float32, device=x.device)
+    for r0, r1, bufs in _Blocks(b, n, x.device, 2).ranges(b):
+        s = torch.mm(xf[r0:r1], yf.T, out=bufs[0]).mul_(scale)
+        lse_r[r0:r1] = _row_lse(s, bufs[1])
+        m_new = torch.maximum(m_c, s.amax(dim=0))
+        l_c.mul_(torch.exp(m_c - m_new)).add_(torch.sub(s, m_new[None, :], out=bufs[1]).exp_().sum(dim=0))
+        m_c = m_new
+    return lse_r, m_c + l_c.log()
+
+
 def _gumbel_argmax(s: torch.Tensor, pos: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Gumbel-max: argmax_j (s_ij + g_ij) over non-positive j samples the row softmax restricted to them."""
     u = torch.rand(s.shape, generator=gen, device=s.device, dtype=torch.float32).clamp_(min=1e-20)
@@ -667,7 +713,19 @@ class _ContrastiveLoss(torch.autograd.Function):
         off = row_offset(sizes, group)
         lses, tlses, negs = [], [], []
         total = torch.zeros((), dtype=torch.float32, device=image_emb.device)
-        for k in range(2):  # 0: i2t (local images over all texts), 1: t2i (local texts, all images)
+        if world == 1 and not sample and hasattr(backend, "fwd_both"):
+            # single process: both directions from one pass over the logits (column LSE merged online)
+            tlses = list(backend.lse_both(t_img, t_txt, scale_d)) if teacher else [None, None]
+            lse0, tgt0, lse1, tgt1 = backend.fwd_both(image_emb, text_emb, scale_d, ids_r, cnt,
+                                                      t_img if teacher else None, t_txt if teacher else None,
+                                                      alpha, *tlses)
+            total = (lse0 - tgt0).sum() + (lse1 - tgt1).sum()
+            lses = [lse0, lse1]
+            negs = [None, None]
+            img_all = img_pending.wait()
+            ti_all = ti_pending.wait() if teacher else None
+        # Otherwise a pass per direction: 0 = i2t (local images, all texts), 1 = t2i (local texts, all images)
+        for k in range(2 if not lses else 0):
             if k == 0:
                 x, y, xt, yt = image_emb, txt_all, t_img, tt_all
             else:
@@ -686,7 +744,7 @@ class _ContrastiveLoss(torch.autograd.Function):
                               lses[0], lses[1], *tlses)
         ctx.meta = (sizes, group, backend, alpha, teacher, world, n)
         loss = total / (2 * b)
-        if sample:
+        if sample:  # (the fused single-process pass above never samples)
             ctx.mark_non_differentiable(negs[0], negs[1])
             return loss, negs[0], negs[1]
         return loss
@@ -733,6 +791,8 @@ class _TorchBackend:
         return _torch_dir_fwd(x, y, scale, ids_r, ids_c, cnt, xt, yt, alpha, tlse, gen)
 
     bwd = staticmethod(_torch_dir_bwd)
+    fwd_both = staticmethod(_torch_fwd_both)
+    lse_both = staticmethod(_torch_lse_both)
 
 
 def _mix_seed(seed: int, offset: int) -> int:
