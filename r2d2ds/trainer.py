@@ -45,7 +45,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from r2d2ds.data import TrainStream, load_tokenizer
+        from r2d2ds.data import TrainStream, load_tokenizer, resolve_shards
         from r2d2ds.losses.objective import R2D2Pretraining
         from r2d2ds.models.ema import make_teacher
 
@@ -57,6 +57,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         rd.barrier()
 
+        resolve_shards(cfg.data.train, cfg.data.train_split)  # a missing dataset fails here, named, on every rank
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, dataset=cfg.data.train)
         specials = sorted(set(self.tokenizer.all_special_ids))
         # Identical initial weights on every rank (ZeRO-3 partitions each rank's copy without broadcasting).

@@ -159,3 +159,15 @@ def test_golden_loss_curve(stage_runs):
     for step in want:
         for k in LOSS_KEYS:
             assert got[step][k] == pytest.approx(want[step][k], rel=2e-3, abs=1e-4), (step, k)
+
+
+def test_cpu_offload_variant_matches_zero2(stage_runs, dataset, tmp_path):
+    """ds_configs/zero2_offload.json (optimizer state and step on the CPU, DeepSpeedCPUAdam) trains the same."""
+    run = tmp_path / "offload"
+    launch(run, f"--data.train={dataset}", f"--train.ds_config={ROOT}/ds_configs/zero2_offload.json",
+           "--train.steps=3", "--train.ckpt_every=0")
+    got, want = losses(run), losses(stage_runs[2])
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        for k in LOSS_KEYS:
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-4, abs=1e-5), (step, k)
