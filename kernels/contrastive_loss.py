@@ -853,9 +853,9 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
             raise ValueError("return_negatives needs impl 'torch' or 'triton' (use sample_hard_negatives)")
         return _reference_impl(image_emb, text_emb, scale, labels, t_img, t_txt, alpha, group)
     sd = draw_seed(generator, seed, image_emb.device) if return_negatives else None
-    backend = _TorchBackend if impl == "torch" else _triton()
     if impl == "triton" and image_emb.device.type != "cuda" and not _interpreting():
         raise RuntimeError("impl='triton' on CPU needs TRITON_INTERPRET=1 set before triton is imported")
+    backend = _TorchBackend if impl == "torch" else _triton()
     if teacher_image_emb is not None and alpha != 0.0:
         t_img, t_txt = t_img.contiguous(), t_txt.contiguous()
     return _ContrastiveLoss.apply(image_emb.contiguous(), text_emb.contiguous(), scale, labels, t_img, t_txt,
