@@ -12,7 +12,7 @@ so imports, one-time set-up (thread stacks, allocator arenas) and the inputs the
 Results: JSON + a markdown table (date, CPU, versions).
 
     python benchmarks/bench_contrastive_memory.py  # default sweep -> benchmarks/results/cpu/
-    python benchmarks/bench_contrastive_memory.py --sizes 1024 --impls torch --out /tmp/x
+    python benchmarks/bench_contrastive_memory.py --sizes 1024 --impls torch --out scratch/
 """
 
 from __future__ import annotations
