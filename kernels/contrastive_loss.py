@@ -345,7 +345,8 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 
 def _define_kernels():
-    global triton, tl, _dot_tile, _grad_tile, _fwd_kernel, _bwd_dx_kernel, _bwd_dy_kernel
+    global triton, tl, _dot_tile, _grad_tile, _row_stats, _col_stats, _add_tile_matmul
+    global _fwd_kernel, _bwd_dx_kernel, _bwd_dy_kernel
     import triton
     import triton.language as tl
 
@@ -390,6 +391,52 @@ def _define_kernels():
                 g -= alpha * tl.exp(t - tlse_c[None, :])
         g = tl.where(rmask[:, None] & cmask[None, :], g * w, 0.0)
         return g, dot
+
+    @triton.jit
+    def _row_stats(IDS_R, CNT_R, LSE_R, TLSE_R, rows, rmask, HAS_TEACHER: tl.constexpr):
+        # The backward's per-row inputs: ids, positive counts, student LSE, teacher LSE (lse_r stands in for an
+        # absent teacher: _grad_tile does not read it then).
+        ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
+        cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
+        lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0)
+        tlse_r = lse_r
+        if HAS_TEACHER:
+            tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+        return ids_r, cnt_r, lse_r, tlse_r
+
+    @triton.jit
+    def _col_stats(IDS_C, CNT_C, LSE_C, TLSE_C, cols, cmask, HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr):
+        # The backward's per-column inputs; the column LSEs are only read under FUSE_T (cnt_c stands in
+        # otherwise, unread by _grad_tile).
+        ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
+        cnt_c = tl.load(CNT_C + cols, mask=cmask, other=1.0)
+        lse_c = cnt_c
+        tlse_c = cnt_c
+        if FUSE_T:
+            lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0)
+            if HAS_TEACHER:
+                tlse_c = tl.load(TLSE_C + cols, mask=cmask, other=0.0)
+        return ids_c, cnt_c, lse_c, tlse_c
+
+    @triton.jit
+    def _add_tile_matmul(G, Src, src_idx, src_mask, stride_src, Dst, dst_idx, dst_mask, D, accumulate,
+                         BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+        # Dst[dst_idx] = G @ Src[src_idx] (+ Dst[dst_idx] when accumulate), D walked in BLOCK_D chunks: G (I, J)
+        # fp32, Src rows (J, D) of the input dtype, Dst fp32 rows of length D (row stride D).
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            km = ks < D
+            src = tl.load(Src + src_idx[:, None] * stride_src + ks[None, :],
+                          mask=src_mask[:, None] & km[None, :], other=0.0)
+            if DOT_FP32:
+                contrib = tl.dot(G, src.to(tl.float32), input_precision=PREC)
+            else:
+                contrib = tl.dot(G.to(src.dtype), src, input_precision=PREC)  # (I, BLOCK_D) fp32
+            ptrs = Dst + dst_idx[:, None] * D + ks[None, :]
+            dmask = dst_mask[:, None] & km[None, :]
+            if accumulate:
+                contrib += tl.load(ptrs, mask=dmask, other=0.0)
+            tl.store(ptrs, contrib, mask=dmask)
 
     @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "COMPUTE_TGT", "SAMPLE"],
                      prune_configs_by={"early_config_prune": _prune})
@@ -470,44 +517,19 @@ def _define_kernels():
         rows64 = rows.to(tl.int64)
         scale = tl.load(SCALE)
         w = tl.load(W)  # the row weight (grad_out * W_ranks / 2N), read in-kernel: no host sync
-        ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
-        cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
-        lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0)
-        tlse_r = lse_r
-        if HAS_TEACHER:
-            tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+        ids_r, cnt_r, lse_r, tlse_r = _row_stats(IDS_R, CNT_R, LSE_R, TLSE_R, rows, rmask, HAS_TEACHER)
         ds = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             cols64 = cols.to(tl.int64)
-            ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
-            cnt_c = tl.load(CNT_C + cols, mask=cmask, other=1.0)
-            lse_c = cnt_c
-            tlse_c = cnt_c
-            if FUSE_T:
-                lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0)
-                if HAS_TEACHER:
-                    tlse_c = tl.load(TLSE_C + cols, mask=cmask, other=0.0)
+            ids_c, cnt_c, lse_c, tlse_c = _col_stats(IDS_C, CNT_C, LSE_C, TLSE_C, cols, cmask, HAS_TEACHER, FUSE_T)
             g, dot = _grad_tile(X, Y, XT, YT, rows64, cols64, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r,
                                 lse_c, tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y, HAS_TEACHER,
                                 FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
             ds += tl.sum(g * dot, 1)
             g = g * scale  # dLoss/d<x, y>
-            for k0 in range(0, D, BLOCK_D):
-                ks = k0 + tl.arange(0, BLOCK_D)
-                km = ks < D
-                y = tl.load(Y + cols64[:, None] * stride_y + ks[None, :], mask=cmask[:, None] & km[None, :],
-                            other=0.0)
-                if DOT_FP32:
-                    contrib = tl.dot(g, y.to(tl.float32), input_precision=PREC)
-                else:
-                    contrib = tl.dot(g.to(y.dtype), y, input_precision=PREC)  # (BLOCK_M, BLOCK_D) fp32
-                ptrs = DX + rows64[:, None] * D + ks[None, :]
-                dmask = rmask[:, None] & km[None, :]
-                if n0 > 0:
-                    contrib += tl.load(ptrs, mask=dmask, other=0.0)
-                tl.store(ptrs, contrib, mask=dmask)
+            _add_tile_matmul(g, Y, cols64, cmask, stride_y, DX, rows64, rmask, D, n0 > 0, BLOCK_D, DOT_FP32, PREC)
         tl.store(DS + pid, tl.sum(ds, 0))
 
     @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "FUSE_T"],
@@ -524,42 +546,18 @@ def _define_kernels():
         cols64 = cols.to(tl.int64)
         scale = tl.load(SCALE)
         w = tl.load(W)
-        ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
-        cnt_c = tl.load(CNT_C + cols, mask=cmask, other=1.0)
-        lse_c = cnt_c
-        tlse_c = cnt_c
-        if FUSE_T:
-            lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0)
-            if HAS_TEACHER:
-                tlse_c = tl.load(TLSE_C + cols, mask=cmask, other=0.0)
+        ids_c, cnt_c, lse_c, tlse_c = _col_stats(IDS_C, CNT_C, LSE_C, TLSE_C, cols, cmask, HAS_TEACHER, FUSE_T)
         for m0 in range(0, B, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             rmask = rows < B
             rows64 = rows.to(tl.int64)
-            ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
-            cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
-            lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0)
-            tlse_r = lse_r
-            if HAS_TEACHER:
-                tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+            ids_r, cnt_r, lse_r, tlse_r = _row_stats(IDS_R, CNT_R, LSE_R, TLSE_R, rows, rmask, HAS_TEACHER)
             g, dot = _grad_tile(X, Y, XT, YT, rows64, cols64, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r,
                                 lse_c, tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y, HAS_TEACHER,
                                 FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
             g = g * scale
-            for k0 in range(0, D, BLOCK_D):
-                ks = k0 + tl.arange(0, BLOCK_D)
-                km = ks < D
-                x = tl.load(X + rows64[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & km[None, :],
-                            other=0.0)
-                if DOT_FP32:
-                    contrib = tl.dot(tl.trans(g), x.to(tl.float32), input_precision=PREC)
-                else:
-                    contrib = tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PREC)  # (BLOCK_N, BLOCK_D)
-                ptrs = DY + cols64[:, None] * D + ks[None, :]
-                dmask = cmask[:, None] & km[None, :]
-                if m0 > 0:
-                    contrib += tl.load(ptrs, mask=dmask, other=0.0)
-                tl.store(ptrs, contrib, mask=dmask)
+            _add_tile_matmul(tl.trans(g), X, rows64, rmask, stride_x, DY, cols64, cmask, D, m0 > 0, BLOCK_D,
+                             DOT_FP32, PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------

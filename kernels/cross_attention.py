@@ -178,9 +178,48 @@ def _pruner(smem_tiles):
 def _triton_kernels() -> SimpleNamespace:
     """Defines the kernels on first use, so importing this module never imports triton (the torch path works
     without it) and TRITON_INTERPRET is read when the triton impl is first called."""
-    global triton, tl
+    global triton, tl, _head_bases, _key_tile, _query_tile
     import triton
     import triton.language as tl
+
+    # Helpers shared by the kernels (Triton inlines them). Module globals, as the kernels look names up there.
+    @triton.jit
+    def _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM: tl.constexpr):
+        # Program pid_bh's batch index and the start offsets of its (batch, head): q / o / dO rows, k / v rows,
+        # LSE / delta entries. int64: B*H*L*Dh passes 2^31 at large batch.
+        bh = pid_bh.to(tl.int64)
+        return pid_bh // H, bh * Lq * HEAD_DIM, bh * Lk * HEAD_DIM, bh * Lq
+
+    @triton.jit
+    def _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
+                  HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr):
+        # Keys offs_n of one (batch, head): k, v (BLOCK_N, BLOCK_D), zero past Lk and HEAD_DIM; key_ok = in
+        # range and attended; kv_off / kv_in address the tile (dK / dV stores).
+        key_in = offs_n < Lk
+        key_ok = key_in
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
+        kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        kv_in = key_in[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + kv_off, mask=kv_in, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        return k, v, key_ok, kv_off, kv_in
+
+    @triton.jit
+    def _query_tile(Q, DOut, q_base, offs_m, row_in, offs_d, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
+        # Query rows offs_m (valid where row_in) of one (batch, head): q, dO (BLOCK_M, BLOCK_D), zero past Lq
+        # and HEAD_DIM; q_off / q_in address the tile (dQ stores).
+        q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q_in = row_in[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DOut + q_off, mask=q_in, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        return q, do, q_off, q_in
 
     @triton.autotune(
         configs=_configs(_FWD_TILES), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
@@ -194,9 +233,7 @@ def _triton_kernels() -> SimpleNamespace:
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM  # int64: B*H*L*Dh passes 2^31 at large batch
-        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
+        b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_in = offs_m < Lq
@@ -211,17 +248,8 @@ def _triton_kernels() -> SimpleNamespace:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(s2 - m_i) v
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_in = offs_n < Lk
-            key_ok = key_in
-            if HAS_MASK:
-                key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
-            kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_in = key_in[:, None] & d_in[None, :]
-            k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v, key_ok, _, _ = _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
+                                           HEAD_DIM, HAS_MASK, DOT_FP32)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -238,7 +266,7 @@ def _triton_kernels() -> SimpleNamespace:
         l_safe = tl.where(has_key, l_i, 1.0)
         out = acc / l_safe[:, None]  # rows with no valid key: acc = 0, so 0
         lse = tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf"))
-        tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_in)
+        tl.store(Lse + row_base + offs_m, lse, mask=row_in)
         tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
 
     @triton.jit(do_not_specialize=["Lq"])
@@ -271,37 +299,18 @@ def _triton_kernels() -> SimpleNamespace:
         # P^T recomputed from the saved LSE and dS = P * (dP - delta). Transposed (keys x queries) tiles.
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM
-        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
-        row_base = pid_bh.to(tl.int64) * Lq
+        b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        key_in = offs_n < Lk
-        d_in = offs_d < HEAD_DIM
-        key_ok = key_in
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
-        kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        kv_in = key_in[:, None] & d_in[None, :]
-        k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + kv_off, mask=kv_in, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v, key_ok, kv_off, kv_in = _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
+                                                HEAD_DIM, HAS_MASK, DOT_FP32)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_m in range(0, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_in = offs_m < Lq
-            q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-            q_in = row_in[:, None] & d_in[None, :]
-            q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
-            do = tl.load(DOut + q_off, mask=q_in, other=0.0)
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q, do, _, _ = _query_tile(Q, DOut, q_base, offs_m, row_in, offs_d, HEAD_DIM, DOT_FP32)
             # Rows past Lq load LSE = +inf, so their P is exactly 0.
             lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
             delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
@@ -331,38 +340,19 @@ def _triton_kernels() -> SimpleNamespace:
         # needs atomics, and each side gets its own tile shape (Lq and Lk differ).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM
-        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
-        row_base = pid_bh.to(tl.int64) * Lq
+        b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_in = offs_m < Lq
-        d_in = offs_d < HEAD_DIM
-        q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q_in = row_in[:, None] & d_in[None, :]
-        q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DOut + q_off, mask=q_in, other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do, q_off, q_in = _query_tile(Q, DOut, q_base, offs_m, row_in, offs_d, HEAD_DIM, DOT_FP32)
         lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
         delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_in = offs_n < Lk
-            key_ok = key_in
-            if HAS_MASK:
-                key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
-            kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_in = key_in[:, None] & d_in[None, :]
-            k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + kv_off, mask=kv_in, other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v, key_ok, _, _ = _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
+                                           HEAD_DIM, HAS_MASK, DOT_FP32)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -385,39 +375,20 @@ def _triton_kernels() -> SimpleNamespace:
         # query row, so it computes delta itself, writes each key block's dK/dV once and keeps dQ in
         # registers: 5 matmuls per tile instead of the split path's 7, one launch instead of three.
         pid_bh = tl.program_id(0)
-        b = pid_bh // H
-        q_base = pid_bh.to(tl.int64) * Lq * HEAD_DIM
-        kv_base = pid_bh.to(tl.int64) * Lk * HEAD_DIM
-        row_base = pid_bh.to(tl.int64) * Lq
+        b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_in = offs_m < Lq
-        d_in = offs_d < HEAD_DIM
-        q_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q_in = row_in[:, None] & d_in[None, :]
-        q = tl.load(Q + q_off, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DOut + q_off, mask=q_in, other=0.0)
+        q, do, q_off, q_in = _query_tile(Q, DOut, q_base, offs_m, row_in, offs_d, HEAD_DIM, DOT_FP32)
         o = tl.load(Out + q_off, mask=q_in, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,) rowsum(dO * O)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_in = offs_n < Lk
-            key_ok = key_in
-            if HAS_MASK:
-                key_ok = key_ok & (tl.load(KeyMask + b * Lk + offs_n, mask=key_in, other=0) != 0)
-            kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_in = key_in[:, None] & d_in[None, :]
-            k = tl.load(K + kv_off, mask=kv_in, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + kv_off, mask=kv_in, other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v, key_ok, kv_off, kv_in = _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
+                                                    HEAD_DIM, HAS_MASK, DOT_FP32)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
