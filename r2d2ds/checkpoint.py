@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from r2d2ds import distributed as rd
+from r2d2ds.fileio import atomic_write_text
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -44,12 +45,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_tag(run_dir: str | Path) -> str | None:
     f = checkpoint_dir(run_dir) / "latest"
     if not f.is_file():
@@ -70,7 +65,7 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
     os.replace(tmp, rank_file)
     rd.barrier()  # every rank's files are on disk before `latest` may point at them
     if rd.is_main_process():
-        _atomic_write_text(root / "latest", tag + "\n")
+        atomic_write_text(root / "latest", tag + "\n")
         tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep]:
             if old != tag:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from r2d2ds.config import EvalConfig
 from r2d2ds.distributed import all_gather_variable, get_rank, get_world_size, is_main_process
+from r2d2ds.fileio import atomic_write_text
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("mr",)
@@ -329,9 +330,7 @@ def write_eval_json(metrics: dict[str, Any], path: str | Path) -> None:
     """Write `metrics` as JSON atomically (temp file, then os.replace): no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from r2d2ds.fileio import atomic_write_text
+
 MANIFEST_FORMAT = "r2d2ds-shards/1"
 
 
@@ -89,8 +91,5 @@ def write_manifest(out_dir: str | Path, splits: dict[str, dict[str, Any]], sourc
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
-    path = Path(out_dir) / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(out_dir) / "manifest.json",
+                             json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
