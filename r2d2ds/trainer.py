@@ -65,8 +65,7 @@ class Trainer:
         module = R2D2Pretraining(cfg.model, cfg.loss, vocab_size=len(self.tokenizer),
                                  pad_token_id=self.tokenizer.pad_token_id,
                                  mask_token_id=self.tokenizer.mask_token_id, special_token_ids=specials)
-        needs_teacher = (cfg.loss.tgd_alpha > 0 and cfg.loss.tgd_weight > 0) or cfg.loss.fgd_weight > 0
-        self.teacher = make_teacher(module.model) if needs_teacher else None
+        self.teacher = make_teacher(module.model) if module.uses_teacher() else None
 
         self.ds_config = fill_ds_config(cfg, self.world, run_dir=str(self.run_dir))
         self.engine = build_engine(module, cfg, self.ds_config)
@@ -130,16 +129,22 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _ema_update(self) -> None:
-        from r2d2ds.models.ema import ema_update_
-
-        params = list(self.engine.module.model.parameters())
+    @contextlib.contextmanager
+    def _gathered(self, params: list[torch.nn.Parameter]):
+        """Whole `params` on every rank inside the block (ZeRO-3 shards them; stages 1 and 2 hold them)."""
         if self.zero3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(params):
-                ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
+                yield
         else:
+            yield
+
+    def _ema_update(self) -> None:
+        from r2d2ds.models.ema import ema_update_
+
+        params = list(self.engine.module.model.parameters())
+        with self._gathered(params):
             ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
 
     def train_step(self, batches) -> None:
@@ -186,17 +191,6 @@ class Trainer:
         return metrics
 
     # -------------------------------------------------------------------------------- eval, export
-    @contextlib.contextmanager
-    def _full_weights(self):
-        """Whole student weights on every rank (ZeRO-3 shards them; stages 1 and 2 hold them already)."""
-        if self.zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
-                yield
-        else:
-            yield
-
     def evaluate(self) -> dict[str, Any]:
         from r2d2ds.data import load_retrieval_split
         from r2d2ds.eval import evaluate, format_table, write_eval_json
@@ -221,7 +215,7 @@ class Trainer:
     def export(self) -> None:
         from r2d2ds.export import export_model
 
-        with self._full_weights():
+        with self._gathered(list(self.engine.module.model.parameters())):
             if rd.is_main_process():
                 export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
         rd.barrier()

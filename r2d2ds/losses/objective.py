@@ -38,6 +38,13 @@ class R2D2Pretraining(nn.Module):
         # Pad is never a target either (also excluded through the attention mask).
         self.special_token_ids = sorted(set(special_token_ids) | {pad_token_id})
 
+    def _tgd_on(self) -> bool:
+        return self.loss_cfg.tgd_alpha > 0 and self.loss_cfg.tgd_weight > 0
+
+    def uses_teacher(self) -> bool:
+        """Whether any term (TgD, FgD) needs the EMA teacher: the trainer builds one only then."""
+        return self._tgd_on() or self.loss_cfg.fgd_weight > 0
+
     def forward(self, batch: dict, teacher: R2D2 | None, seed: int) -> dict[str, Tensor]:
         lc, impl = self.loss_cfg, self.model_cfg.contrastive_impl
         model = self.model
@@ -45,7 +52,7 @@ class R2D2Pretraining(nn.Module):
         labels = batch.get("image_id")
         gen = torch.Generator(device=ids.device).manual_seed(int(seed))
 
-        use_tgd = teacher is not None and lc.tgd_alpha > 0 and lc.tgd_weight > 0
+        use_tgd = teacher is not None and self._tgd_on()
         use_fgd = teacher is not None and lc.fgd_weight > 0
         use_mlm = lc.mlm_weight > 0
         a = lc.tgd_alpha if use_tgd else 0.0
