@@ -316,9 +316,17 @@ _INTERPRET_TILE = (64, 64, 64, 4, 1)
 
 
 def _configs() -> list:
+    """The autotune list; R2D2DS_AUTOTUNE=0 keeps only the first tile (tests: one compile per variant)."""
     tiles = [_INTERPRET_TILE] if _interpreting() else _TILES
+    if os.environ.get("R2D2DS_AUTOTUNE", "1") == "0":
+        tiles = tiles[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
             for m, n, d, w, s in tiles]
+
+
+# The autotune keys hold every size _prune reads (B, N, D): the kept list depends on them, so a key without one
+# would let the first call's tile serve every later size.
+_PRUNE_SIZES = ("B", "N", "D")
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -374,8 +382,8 @@ def _define_kernels():
                    tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y,
                    HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
-        # G = dLoss/ds for one (BLOCK_M, BLOCK_N) tile: w * (p - q) of the row direction, plus (FUSE_T, single
-        # process, rows and columns are the same batch) the column direction's w * (p^T - q^T) on the same s.
+        # G / w = dLoss/ds / w for one (BLOCK_M, BLOCK_N) tile: p - q of the row direction, plus (FUSE_T, single
+        # process, rows and columns are the same batch) the column direction's p^T - q^T on the same s.
         dot = _dot_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D,
                         DOT_FP32, PREC)
         s = dot * scale
@@ -389,7 +397,9 @@ def _define_kernels():
             g -= alpha * tl.exp(t - tlse_r[:, None])
             if FUSE_T:
                 g -= alpha * tl.exp(t - tlse_c[None, :])
-        g = tl.where(rmask[:, None] & cmask[None, :], g * w, 0.0)
+        # Unweighted: w and scale are applied to the fp32 products (_add_tile_matmul's factor), not here, so
+        # the tile cast to fp16 holds p - q ~ 1/N rather than w * scale * (p - q) ~ 1/N^2 (fp16 underflow).
+        g = tl.where(rmask[:, None] & cmask[None, :], g, 0.0)
         return g, dot
 
     @triton.jit
@@ -419,26 +429,34 @@ def _define_kernels():
         return ids_c, cnt_c, lse_c, tlse_c
 
     @triton.jit
-    def _add_tile_matmul(G, Src, src_idx, src_mask, stride_src, Dst, dst_idx, dst_mask, D, accumulate,
-                         BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
-        # Dst[dst_idx] = G @ Src[src_idx] (+ Dst[dst_idx] when accumulate), D walked in BLOCK_D chunks: G (I, J)
-        # fp32, Src rows (J, D) of the input dtype, Dst fp32 rows of length D (row stride D).
+    def _add_tile_matmul(G, factor, Src, src_idx, src_mask, stride_src, Dst, dst_idx, dst_mask, D, accumulate,
+                         BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+                         G_PRESCALE: tl.constexpr):
+        # Dst[dst_idx] = factor * G @ Src[src_idx] (+ Dst[dst_idx] when accumulate), D walked in BLOCK_D chunks:
+        # G (I, J) fp32 with |G| <= 2, Src rows (J, D) of the input dtype, Dst fp32 rows of length D (row stride
+        # D). G is cast to the input dtype for the tensor cores; for fp16 it is first multiplied by G_PRESCALE (a
+        # power of two, exact) so entries ~1/N stay normal fp16 numbers, and factor / G_PRESCALE is applied to
+        # the fp32 product.
+        if DOT_FP32:
+            gq = G.to(tl.float32)
+        else:
+            gq = (G * G_PRESCALE).to(Src.dtype.element_ty)
+        post = factor / G_PRESCALE
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             km = ks < D
             src = tl.load(Src + src_idx[:, None] * stride_src + ks[None, :],
                           mask=src_mask[:, None] & km[None, :], other=0.0)
             if DOT_FP32:
-                contrib = tl.dot(G, src.to(tl.float32), input_precision=PREC)
-            else:
-                contrib = tl.dot(G.to(src.dtype), src, input_precision=PREC)  # (I, BLOCK_D) fp32
+                src = src.to(tl.float32)
+            contrib = tl.dot(gq, src, input_precision=PREC) * post  # (I, BLOCK_D) fp32
             ptrs = Dst + dst_idx[:, None] * D + ks[None, :]
             dmask = dst_mask[:, None] & km[None, :]
             if accumulate:
                 contrib += tl.load(ptrs, mask=dmask, other=0.0)
             tl.store(ptrs, contrib, mask=dmask)
 
-    @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "COMPUTE_TGT", "SAMPLE"],
+    @triton.autotune(configs=_configs(), key=["B", "N", "D", "HAS_TEACHER", "COMPUTE_TGT", "SAMPLE"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _fwd_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, TLSE_R, SCALE, LSE, TGT, NEG,
@@ -500,14 +518,14 @@ def _define_kernels():
         if SAMPLE:
             tl.store(NEG + rows, best_idx, mask=rmask)
 
-    @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "FUSE_T"],
+    @triton.autotune(configs=_configs(), key=["B", "N", "D", "HAS_TEACHER", "FUSE_T"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _bwd_dx_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, CNT_C, LSE_R, LSE_C, TLSE_R, TLSE_C, SCALE, DX, DS,
                        B, N, D, stride_x, stride_y, W, alpha,
                        HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, DOT_FP32: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       PREC: tl.constexpr, G_PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per BLOCK_M rows: dx = scale * G y accumulated in DX (fp32, this program's rows only, so
         # no atomics; the first column tile stores, later ones add, so reruns by the autotuner are harmless),
         # and this program's part of dscale = sum G * <x, y> into DS[pid].
@@ -528,18 +546,19 @@ def _define_kernels():
                                 lse_c, tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y, HAS_TEACHER,
                                 FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
             ds += tl.sum(g * dot, 1)
-            g = g * scale  # dLoss/d<x, y>
-            _add_tile_matmul(g, Y, cols64, cmask, stride_y, DX, rows64, rmask, D, n0 > 0, BLOCK_D, DOT_FP32, PREC)
-        tl.store(DS + pid, tl.sum(ds, 0))
+            # dLoss/d<x, y> = w * scale * g: the factor goes on the fp32 product
+            _add_tile_matmul(g, w * scale, Y, cols64, cmask, stride_y, DX, rows64, rmask, D, n0 > 0, BLOCK_D,
+                             DOT_FP32, PREC, G_PRESCALE)
+        tl.store(DS + pid, tl.sum(ds, 0) * w)
 
-    @triton.autotune(configs=_configs(), key=["D", "HAS_TEACHER", "FUSE_T"],
+    @triton.autotune(configs=_configs(), key=["B", "N", "D", "HAS_TEACHER", "FUSE_T"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _bwd_dy_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, CNT_C, LSE_R, LSE_C, TLSE_R, TLSE_C, SCALE, DY,
                        B, N, D, stride_x, stride_y, W, alpha,
                        HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, DOT_FP32: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       PREC: tl.constexpr, G_PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per BLOCK_N columns, walking all B rows: dy = scale * G^T x into DY (fp32, own columns).
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -555,9 +574,23 @@ def _define_kernels():
             g, dot = _grad_tile(X, Y, XT, YT, rows64, cols64, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r,
                                 lse_c, tlse_r, tlse_c, scale, w, alpha, D, stride_x, stride_y, HAS_TEACHER,
                                 FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
-            g = g * scale
-            _add_tile_matmul(tl.trans(g), X, rows64, rmask, stride_x, DY, cols64, cmask, D, m0 > 0, BLOCK_D,
-                             DOT_FP32, PREC)
+            _add_tile_matmul(tl.trans(g), w * scale, X, rows64, rmask, stride_x, DY, cols64, cmask, D, m0 > 0,
+                             BLOCK_D, DOT_FP32, PREC, G_PRESCALE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch grids (pure functions of the sizes: a CPU test checks them against CUDA's per-axis limits)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def row_grid(b: int, block_m: int) -> tuple[int]:
+    """Forward, sampler and dx kernels: one program per BLOCK_M rows, on axis 0 (CUDA: up to 2^31 - 1)."""
+    return (-(-b // block_m),)
+
+
+def col_grid(n: int, block_n: int) -> tuple[int]:
+    """dy kernel: one program per BLOCK_N gathered columns, on axis 0."""
+    return (-(-n // block_n),)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,9 +615,20 @@ def _check(x: torch.Tensor, y: torch.Tensor, xt, yt, ids_r, ids_c) -> None:
 def _flags(x: torch.Tensor) -> dict:
     # fp32 on CUDA: IEEE products unless torch itself allows tf32 matmuls; bf16 / fp16: Triton's default
     # (the precision flag only changes fp32 operands); the interpreter computes exactly anyway.
+    # DOT_FP32 only for bf16 in the interpreter (its tl.dot multiplies bf16 bit patterns as integers): fp16 and
+    # fp32 tiles take the GPU's path there, so the interpreter sees what a GPU's casts do (fp16 underflow).
     interp = _interpreting()
     ieee = interp or (x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    return {"DOT_FP32": interp, "PREC": "ieee" if ieee else "tf32"}
+    return {"DOT_FP32": interp and x.dtype == torch.bfloat16, "PREC": "ieee" if ieee else "tf32"}
+
+
+# fp16 backward tiles hold G * 2^14 (|G| <= 2, so <= 32768 < 65504): entries p ~ 1/N stay normal fp16 numbers
+# (smallest normal 2^-14 ~ 6.1e-5) up to N ~ 2^28 instead of subnormal from N ~ 16k. bf16 has fp32's exponent.
+_FP16_G_PRESCALE = 2.0**14
+
+
+def _bwd_flags(x: torch.Tensor) -> dict:
+    return {**_flags(x), "G_PRESCALE": _FP16_G_PRESCALE if x.dtype == torch.float16 else 1.0}
 
 
 def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row_off, compute_tgt=True):
@@ -598,8 +642,7 @@ def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row
     sample = seed is not None
     neg = torch.full((b,), -7, dtype=torch.long, device=x.device) if sample else lse
     teacher = xt is not None
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)
-    _fwd_kernel[grid](
+    _fwd_kernel[lambda meta: row_grid(b, meta["BLOCK_M"])](
         x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, tlse if teacher else lse,
         scale, lse, tgt, neg, b, n, d, x.stride(0), y.stride(0), float(alpha), int(seed or 0), int(row_off),
         HAS_TEACHER=teacher, COMPUTE_TGT=compute_tgt, SAMPLE=sample, **_flags(x))
@@ -627,18 +670,18 @@ def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, 
             lse_c if fuse else lse_r, tlse_r if teacher else lse_r,
             tlse_c if (teacher and fuse) else lse_r, scale)
     w = w.to(device=x.device, dtype=torch.float32).reshape(())
-    flags = dict(HAS_TEACHER=teacher, FUSE_T=fuse, **_flags(x))
+    flags = dict(HAS_TEACHER=teacher, FUSE_T=fuse, **_bwd_flags(x))
     used = {}
 
     def grid_dx(meta):
         used["m"] = meta["BLOCK_M"]
-        return (triton.cdiv(b, meta["BLOCK_M"]),)
+        return row_grid(b, meta["BLOCK_M"])
 
     _bwd_dx_kernel[grid_dx](*args, dx, ds, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
     if out_dtype is not None:
         dx = dx.to(out_dtype)
     dy = torch.full((n, d), float("nan"), dtype=torch.float32, device=x.device)
-    _bwd_dy_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    _bwd_dy_kernel[lambda meta: col_grid(n, meta["BLOCK_N"])](
         *args, dy, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
     if out_dtype is not None:
         dy = dy.to(out_dtype)

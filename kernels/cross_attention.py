@@ -170,7 +170,7 @@ def _pruner(smem_tiles):
 # (B*H, Lq); key mask uint8 (B, Lk). Dh is padded to BLOCK_D = next power of two >= 16 by masked loads (zeros
 # do not change a dot product). Scores live in base 2: s2 = (q . k) * scale * log2(e), so softmax uses exp2,
 # and LSE2 = m2 + log2(l) per row; a row with no valid key stores LSE2 = +inf so exp2(s2 - LSE2) = 0 later.
-# DOT_FP32 (interpreter only) upcasts tiles before tl.dot: the interpreter multiplies bf16 bits wrongly.
+# DOT_FP32 (interpreter, bf16 only) upcasts tiles before tl.dot: the interpreter multiplies bf16 bits wrongly.
 # INPUT_PRECISION is "ieee" for fp32 inputs so the kernel matches fp32 PyTorch instead of rounding to tf32.
 
 
@@ -231,8 +231,8 @@ def _triton_kernels() -> SimpleNamespace:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)  # B*H on axis 0 (CUDA caps axes 1 and 2 at 65,535; axis 0 at 2^31 - 1)
+        pid_m = tl.program_id(1)
         b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -274,8 +274,8 @@ def _triton_kernels() -> SimpleNamespace:
         Out, DOut, Delta, Lq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-backward term shared by dq and dk.
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)  # B*H on axis 0 (CUDA caps axes 1 and 2 at 65,535; axis 0 at 2^31 - 1)
+        pid_m = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_in = offs_m < Lq
@@ -297,8 +297,8 @@ def _triton_kernels() -> SimpleNamespace:
     ):
         # One program per key block: dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij q_i, with
         # P^T recomputed from the saved LSE and dS = P * (dP - delta). Transposed (keys x queries) tiles.
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
         b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -338,8 +338,8 @@ def _triton_kernels() -> SimpleNamespace:
     ):
         # One program per query block: dQ_i = scale * sum_j dS_ij k_j. A separate kernel from dK/dV so neither
         # needs atomics, and each side gets its own tile shape (Lq and Lk differ).
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)  # B*H on axis 0 (CUDA caps axes 1 and 2 at 65,535; axis 0 at 2^31 - 1)
+        pid_m = tl.program_id(1)
         b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -362,7 +362,8 @@ def _triton_kernels() -> SimpleNamespace:
         tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
 
     @triton.autotune(
-        configs=_configs(_FUSED_BWD_TILES, names=("BLOCK_N",)), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
+        configs=_configs(_FUSED_BWD_TILES, names=("BLOCK_N",)),
+        key=["Lq", "Lk", "BLOCK_D", "BLOCK_M", "HAS_MASK"],
         prune_configs_by={"early_config_prune": _pruner(lambda m, n, st: 4 * m + 2 * n * st)},
     )
     @triton.jit(do_not_specialize=["Lq", "Lk"])
@@ -409,6 +410,36 @@ def _triton_kernels() -> SimpleNamespace:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Launch grids (pure functions of the sizes, so a CPU test can check them against CUDA's limits)
+# ----------------------------------------------------------------------------------------------------------
+# B*H is the large axis (the ITM batch is 3x the local batch, times 12 heads): it goes on axis 0, which CUDA
+# allows up to 2^31 - 1 programs; the query / key block count (a few blocks) goes on axis 1 (cap 65,535).
+
+
+# Axis 1 holds at most 65,535 blocks of at least 16 rows (the smallest tile any config or pre-pass uses).
+MAX_LENGTH = 65_535 * 16
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fwd_grid(B: int, H: int, Lq: int, block_m: int) -> tuple[int, int]:
+    """Forward, delta pre-pass and dQ kernels: one program per (batch * head, query block)."""
+    return (B * H, _cdiv(Lq, block_m))
+
+
+def dkdv_grid(B: int, H: int, Lk: int, block_n: int) -> tuple[int, int]:
+    """dK/dV kernel: one program per (batch * head, key block)."""
+    return (B * H, _cdiv(Lk, block_n))
+
+
+def fused_bwd_grid(B: int, H: int) -> tuple[int]:
+    """Fused backward: one program per (batch, head)."""
+    return (B * H,)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
@@ -427,9 +458,17 @@ def _check_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
     assert q.is_cuda or _interpreting(), (
         "impl='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported"
     )
+    longest = max(q.shape[2], k.shape[2])
+    assert longest <= MAX_LENGTH, f"sequence length {longest} > {MAX_LENGTH}: query / key blocks on grid axis 1"
     head_dim = q.shape[-1]
     assert 1 <= head_dim <= 256, f"head dim {head_dim} unsupported by the triton kernel (1..256)"
     return _pow2_at_least_16(head_dim)
+
+
+def _dot_fp32(q: torch.Tensor) -> bool:
+    # Only bf16 needs fp32 tiles in the interpreter (its tl.dot multiplies bf16 bit patterns wrongly); fp16 and
+    # fp32 take the GPU's path there, so the interpreter sees the casts a GPU does.
+    return _interpreting() and q.dtype == torch.bfloat16
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -458,10 +497,9 @@ def _cross_attention_fwd(
     assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32 and lse.is_contiguous()
     kern = _triton_kernels()
     mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q  # unread when HAS_MASK is False
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    kern.fwd[grid](
+    kern.fwd[lambda meta: fwd_grid(B, H, Lq, meta["BLOCK_M"])](
         q, k, v, mask_arg, out, lse, scale * _LOG2E, H, Lq, Lk,
-        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_interpreting(),
+        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_dot_fp32(q),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out, lse
@@ -486,24 +524,24 @@ def _cross_attention_bwd(
         assert g.shape == ref.shape and g.dtype == ref.dtype and g.is_contiguous()
     kern = _triton_kernels()
     common = dict(
-        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_interpreting(),
+        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_MASK=key_mask is not None, DOT_FP32=_dot_fp32(q),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q
     if _fused_bwd_fits(Lq, Dh):  # every query row fits one program: single fused kernel
-        kern.fused_bwd[(B * H,)](
+        kern.fused_bwd[fused_bwd_grid(B, H)](
             q, k, v, mask_arg, out, do, lse, dq, dk, dv, scale, scale * _LOG2E, H, Lq, Lk,
             BLOCK_M=_pow2_at_least_16(Lq), **common,
         )
         return dq, dk, dv
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # (B, H, Lq)
-    kern.preprocess[(triton.cdiv(Lq, _PREPROCESS_BLOCK_M), B * H)](
+    kern.preprocess[fwd_grid(B, H, Lq, _PREPROCESS_BLOCK_M)](
         out, do, delta, Lq, HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M,
     )
-    kern.dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+    kern.dkdv[lambda meta: dkdv_grid(B, H, Lk, meta["BLOCK_N"])](
         q, k, v, mask_arg, do, lse, delta, dk, dv, scale, scale * _LOG2E, H, Lq, Lk, **common,
     )
-    kern.dq[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    kern.dq[lambda meta: fwd_grid(B, H, Lq, meta["BLOCK_M"])](
         q, k, v, mask_arg, do, lse, delta, dq, scale, scale * _LOG2E, H, Lq, Lk, **common,
     )
     return dq, dk, dv

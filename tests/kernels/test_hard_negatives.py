@@ -106,3 +106,51 @@ def test_chi_square_detects_a_wrong_distribution():
         n_t, _ = sample_hard_negatives(img, txt, 12.0, labels, impl="torch", seed=seed)  # wrong temperature
         counts += torch.bincount(n_t[:r] - r, minlength=m).double()
     assert chisquare(counts.numpy(), (p * counts.sum()).numpy()).pvalue < 1e-3
+
+
+# Negatives spread over the columns so the Triton kernel's running (max, argmax) must merge across column tiles
+# (the interpreter's BLOCK_N is 64: columns 3, 70, 140, 200 and 290 lie in five different tiles).
+SPREAD = (3, 70, 140, 200, 290)
+
+
+def _spread_batch(n: int = 300, d: int = 16):
+    """n pairs: identical group-0 rows everywhere except the SPREAD columns, which hold distinct ids."""
+    gen = torch.Generator().manual_seed(5)
+    x_star, t_star = (F.normalize(torch.randn(1, d, generator=gen), dim=1) for _ in range(2))
+    img, txt = x_star.repeat(n, 1), t_star.repeat(n, 1)
+    labels = torch.zeros(n, dtype=torch.long)
+    for i, c in enumerate(SPREAD):
+        img[c], txt[c] = (F.normalize(torch.randn(d, generator=gen), dim=0) for _ in range(2))
+        labels[c] = i + 1
+    return img.to(DEV), txt.to(DEV), labels.to(DEV)
+
+
+@pytest.mark.parametrize("source", ["torch", "triton", "triton-loss-pass"])
+def test_distribution_across_many_column_tiles(source):
+    """The merge of per-tile Gumbel maxima is exact: the group-0 rows' draws over negatives that lie in five
+    column tiles follow the exact masked softmax (chi-square, p > 0.001), for the sampler and the loss pass."""
+    from r2d2ds.kernels import contrastive_loss
+
+    scale = 3.0
+    img, txt, labels = _spread_batch()
+    rows = (labels == 0).nonzero().squeeze(1).cpu()
+    cols = torch.tensor(SPREAD)
+    p_t = exact_negative_probs(img[:1], txt, scale, labels[:1], labels)[0, cols].cpu()
+    p_i = exact_negative_probs(txt[:1], img, scale, labels[:1], labels)[0, cols].cpu()
+    assert p_t.min() > 0.02 and p_i.min() > 0.02 and abs(float(p_t.sum()) - 1) < 1e-9
+    counts_t = torch.zeros(len(SPREAD), dtype=torch.float64)
+    counts_i = torch.zeros(len(SPREAD), dtype=torch.float64)
+    where = {c: i for i, c in enumerate(SPREAD)}
+    for seed in range(3):
+        if source == "triton-loss-pass":
+            _, n_t, n_i = contrastive_loss(img, txt, scale, labels, impl="triton", return_negatives=True,
+                                           seed=2000 + seed)
+        else:
+            n_t, n_i = sample_hard_negatives(img, txt, scale, labels, impl=source, seed=2000 + seed)
+        for n, counts in ((n_t, counts_t), (n_i, counts_i)):
+            drawn = n.cpu()[rows].tolist()
+            assert set(drawn) <= set(SPREAD), "a positive was drawn"
+            counts += torch.bincount(torch.tensor([where[c] for c in drawn]), minlength=len(SPREAD)).double()
+    for counts, p in ((counts_t, p_t), (counts_i, p_i)):
+        stat = chisquare(counts.numpy(), (p * counts.sum()).numpy())
+        assert stat.pvalue > 1e-3, f"{source}: counts {counts.tolist()} vs p {p.tolist()} (p={stat.pvalue:.2g})"
