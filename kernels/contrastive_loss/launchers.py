@@ -1,0 +1,150 @@
+"""Launchers of the Triton kernels (grids, argument checks, output buffers) and the backend object the autograd
+Function calls (`_triton()`), mirroring blockwise_torch's `_TorchBackend`."""
+
+from __future__ import annotations
+
+import torch
+from r2d2ds.kernels.contrastive_loss import triton_kernels as tk
+from r2d2ds.kernels.contrastive_loss.triton_kernels import _interpreting
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch grids (pure functions of the sizes: a CPU test checks them against CUDA's per-axis limits)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def row_grid(b: int, block_m: int) -> tuple[int]:
+    """Forward, sampler and dx kernels: one program per BLOCK_M rows, on axis 0 (CUDA: up to 2^31 - 1)."""
+    return (-(-b // block_m),)
+
+
+def col_grid(n: int, block_n: int) -> tuple[int]:
+    """dy kernel: one program per BLOCK_N gathered columns, on axis 0."""
+    return (-(-n // block_n),)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton launchers
+# ----------------------------------------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, xt, yt, ids_r, ids_c) -> None:
+    assert x.dim() == 2 and y.dim() == 2 and x.shape[1] == y.shape[1], f"x {x.shape} vs y {y.shape}"
+    assert x.dtype in _KERNEL_DTYPES and y.dtype == x.dtype, f"fp32/bf16/fp16, one dtype: {x.dtype}/{y.dtype}"
+    assert x.is_contiguous() and y.is_contiguous(), "x and y must be contiguous"
+    assert x.device == y.device == ids_r.device == ids_c.device, "all inputs on one device"
+    assert x.is_cuda or _interpreting(), "triton on CPU needs TRITON_INTERPRET=1 before importing triton"
+    assert ids_r.shape == (x.shape[0],) and ids_c.shape == (y.shape[0],) and ids_r.dtype == torch.long
+    if xt is not None:
+        assert xt.shape == x.shape and yt.shape == y.shape and xt.dtype == x.dtype and yt.dtype == y.dtype
+        assert xt.is_contiguous() and yt.is_contiguous(), "teacher embeddings must be contiguous"
+
+
+def _flags(x: torch.Tensor) -> dict:
+    # fp32 on CUDA: IEEE products unless torch itself allows tf32 matmuls; bf16 / fp16: Triton's default
+    # (the precision flag only changes fp32 operands); the interpreter computes exactly anyway.
+    # DOT_FP32 only for bf16 in the interpreter (its tl.dot multiplies bf16 bit patterns as integers): fp16 and
+    # fp32 tiles take the GPU's path there, so the interpreter sees what a GPU's casts do (fp16 underflow).
+    interp = _interpreting()
+    ieee = interp or (x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {"DOT_FP32": interp and x.dtype == torch.bfloat16, "PREC": "ieee" if ieee else "tf32"}
+
+
+# fp16 backward tiles hold G * 2^14 (|G| <= 2, so <= 32768 < 65504): entries p ~ 1/N stay normal fp16 numbers
+# (smallest normal 2^-14 ~ 6.1e-5) up to N ~ 2^28 instead of subnormal from N ~ 16k. bf16 has fp32's exponent.
+_FP16_G_PRESCALE = 2.0**14
+
+
+def _bwd_flags(x: torch.Tensor) -> dict:
+    return {**_flags(x), "G_PRESCALE": _FP16_G_PRESCALE if x.dtype == torch.float16 else 1.0}
+
+
+def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row_off, compute_tgt=True):
+    """(lse, tgt, neg) for rows x over columns y; tgt / neg are None when not asked for."""
+    _check(x, y, xt, yt, ids_r, ids_c)
+    b, d = x.shape
+    n = y.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    lse = torch.full((b,), float("nan"), **f32)  # poisoned: an unwritten row fails the tests
+    tgt = torch.full((b,), float("nan"), **f32) if compute_tgt else lse
+    sample = seed is not None
+    neg = torch.full((b,), -7, dtype=torch.long, device=x.device) if sample else lse
+    teacher = xt is not None
+    tk._fwd_kernel[lambda meta: row_grid(b, meta["BLOCK_M"])](
+        x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, tlse if teacher else lse,
+        scale, lse, tgt, neg, b, n, d, x.stride(0), y.stride(0), float(alpha), int(seed or 0), int(row_off),
+        HAS_TEACHER=teacher, COMPUTE_TGT=compute_tgt, SAMPLE=sample, **_flags(x))
+    return lse, (tgt if compute_tgt else None), (neg if sample else None)
+
+
+def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, w,
+                cnt_c=None, lse_c=None, tlse_c=None, out_dtype=None):
+    """dx (B, D), dy (N, D) and dscale's dot part; lse_c given = FUSE_T (rows and columns one batch).
+
+    dx and dy are accumulated in fp32 buffers; out_dtype casts each one when its kernel is done, so at most
+    one fp32 buffer is alive (peak: the grads plus one fp32 (B, D) buffer = 2x the bf16 embeddings).
+    """
+    _check(x, y, xt, yt, ids_r, ids_c)
+    b, d = x.shape
+    n = y.shape[0]
+    teacher = xt is not None
+    fuse = lse_c is not None
+    cnt_c = cnt_r if cnt_c is None else cnt_c
+    if not fuse:  # column counts are only read under FUSE_T; any (N,) fp32 buffer will do
+        cnt_c = torch.ones(n, dtype=torch.float32, device=x.device) if cnt_c.shape[0] != n else cnt_c
+    dx = torch.full((b, d), float("nan"), dtype=torch.float32, device=x.device)
+    ds = torch.full((_cdiv(b, 16),), float("nan"), dtype=torch.float32, device=x.device)
+    args = (x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, cnt_c, lse_r,
+            lse_c if fuse else lse_r, tlse_r if teacher else lse_r,
+            tlse_c if (teacher and fuse) else lse_r, scale)
+    w = w.to(device=x.device, dtype=torch.float32).reshape(())
+    flags = dict(HAS_TEACHER=teacher, FUSE_T=fuse, **_bwd_flags(x))
+    used = {}
+
+    def grid_dx(meta):
+        used["m"] = meta["BLOCK_M"]
+        return row_grid(b, meta["BLOCK_M"])
+
+    tk._bwd_dx_kernel[grid_dx](*args, dx, ds, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
+    if out_dtype is not None:
+        dx = dx.to(out_dtype)
+    dy = torch.full((n, d), float("nan"), dtype=torch.float32, device=x.device)
+    tk._bwd_dy_kernel[lambda meta: col_grid(n, meta["BLOCK_N"])](
+        *args, dy, b, n, d, x.stride(0), y.stride(0), w, float(alpha), **flags)
+    if out_dtype is not None:
+        dy = dy.to(out_dtype)
+    return dx, dy, ds[: _cdiv(b, used["m"])].sum()
+
+
+class _TritonBackend:
+    @staticmethod
+    def teacher_lse(xt, yt, scale):
+        n = yt.shape[0]
+        ids = torch.zeros(xt.shape[0], dtype=torch.long, device=xt.device)
+        ones = torch.ones(xt.shape[0], dtype=torch.float32, device=xt.device)
+        lse, _, _ = _triton_fwd(xt, yt, scale, ids, torch.zeros(n, dtype=torch.long, device=xt.device), ones,
+                                None, None, 0.0, None, None, 0, compute_tgt=False)
+        return lse
+
+    fwd = staticmethod(_triton_fwd)
+    bwd = staticmethod(_triton_bwd)
+
+    @staticmethod
+    def sample(x, y, scale, ids_r, ids_c, seed, row_off):
+        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        _, _, neg = _triton_fwd(x, y, scale, ids_r, ids_c, ones, None, None, 0.0, None, seed, row_off,
+                                compute_tgt=False)
+        return neg
+
+
+def _triton():
+    """Import Triton and define the kernels once (lazily: TRITON_INTERPRET must be set before the import)."""
+    if tk.triton is None:
+        tk.define_kernels()
+    return _TritonBackend
