@@ -15,6 +15,11 @@ the data-parallel gradient average every parameter gets exactly d(global-batch l
 invariant), for any world size and even for uneven local batches; with equal local batches this is open_clip's
 gather_with_grad convention.
 
+Triton backward (R2D2DS_CONTRASTIVE_BWD, read at the forward): "panel" (default) writes the gradient tile G of
+R rows x N columns once, in the input dtype, and two GEMMs with fp32 accumulation read it (dX = G Y, dY += G^T X);
+memory O(B*D + R*N) with R*N*e <= 1 GiB (or R = 4096); "tiles" (the previous design) recomputes the logits in a
+dx and a dy kernel that read and write fp32 accumulators per tile. benchmarks/roofline.py predicts both.
+
 Files, in the order of DESIGN.md section 4:
   reference.py        naive B x B loss (impl="reference"; the tests' float64 truth)
   blockwise_torch.py  row-blocked PyTorch forward / backward (impl="torch", the CPU default)

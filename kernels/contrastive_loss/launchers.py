@@ -3,6 +3,8 @@ Function calls (`_triton()`), mirroring blockwise_torch's `_TorchBackend`."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from r2d2ds.kernels.contrastive_loss import triton_kernels as tk
 from r2d2ds.kernels.contrastive_loss.triton_kernels import _interpreting
@@ -25,6 +27,17 @@ def row_grid(b: int, block_m: int) -> tuple[int]:
 def col_grid(n: int, block_n: int) -> tuple[int]:
     """dy kernel: one program per BLOCK_N gathered columns, on axis 0."""
     return (-(-n // block_n),)
+
+
+def panel_grid(n: int, r: int, block_n: int, block_m: int) -> tuple[int]:
+    """Gradient-panel kernel: one program per (row tile, column tile) of the R x N panel, flattened on axis 0
+    (panel_rows keeps R N <= 2^38, so within 2^31 - 1 programs at any tile of at least 16 x 16)."""
+    return ((-(-n // block_n)) * (-(-r // block_m)),)
+
+
+def gemm_grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """Panel GEMMs: output rows (B or N, long) on axis 0, the embedding width D on axis 1."""
+    return (-(-m // block_m), -(-n // block_n))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,6 +96,20 @@ def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row
     return lse, (tgt if compute_tgt else None), (neg if sample else None)
 
 
+def _bwd_args(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, lse_r, tlse_r, w, cnt_c, lse_c, tlse_c) -> tuple:
+    """Checks the inputs; returns the backward kernels' leading arguments (X .. SCALE; absent inputs stand in
+    with unread tensors) and the row weight as a 0-dim fp32 device tensor (read in-kernel: no host sync)."""
+    _check(x, y, xt, yt, ids_r, ids_c)
+    teacher, fuse = xt is not None, lse_c is not None
+    cnt_c = cnt_r if cnt_c is None else cnt_c
+    if not fuse:  # column counts are only read under FUSE_T; any (N,) fp32 buffer will do
+        n = y.shape[0]
+        cnt_c = torch.ones(n, dtype=torch.float32, device=x.device) if cnt_c.shape[0] != n else cnt_c
+    args = (x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, cnt_c, lse_r,
+            lse_c if fuse else lse_r, tlse_r if teacher else lse_r, tlse_c if (teacher and fuse) else lse_r, scale)
+    return args, w.to(device=x.device, dtype=torch.float32).reshape(())
+
+
 def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, w,
                 cnt_c=None, lse_c=None, tlse_c=None, out_dtype=None):
     """dx (B, D), dy (N, D) and dscale's dot part; lse_c given = FUSE_T (rows and columns one batch).
@@ -90,20 +117,11 @@ def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, 
     dx and dy are accumulated in fp32 buffers; out_dtype casts each one when its kernel is done, so at most
     one fp32 buffer is alive (peak: the grads plus one fp32 (B, D) buffer = 2x the bf16 embeddings).
     """
-    _check(x, y, xt, yt, ids_r, ids_c)
-    b, d = x.shape
-    n = y.shape[0]
-    teacher = xt is not None
-    fuse = lse_c is not None
-    cnt_c = cnt_r if cnt_c is None else cnt_c
-    if not fuse:  # column counts are only read under FUSE_T; any (N,) fp32 buffer will do
-        cnt_c = torch.ones(n, dtype=torch.float32, device=x.device) if cnt_c.shape[0] != n else cnt_c
+    args, w = _bwd_args(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, lse_r, tlse_r, w, cnt_c, lse_c, tlse_c)
+    (b, d), n = x.shape, y.shape[0]
+    teacher, fuse = xt is not None, lse_c is not None
     dx = torch.full((b, d), float("nan"), dtype=torch.float32, device=x.device)
     ds = torch.full((_cdiv(b, 16),), float("nan"), dtype=torch.float32, device=x.device)
-    args = (x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, cnt_c, lse_r,
-            lse_c if fuse else lse_r, tlse_r if teacher else lse_r,
-            tlse_c if (teacher and fuse) else lse_r, scale)
-    w = w.to(device=x.device, dtype=torch.float32).reshape(())
     flags = dict(HAS_TEACHER=teacher, FUSE_T=fuse, **_bwd_flags(x))
     used = {}
 
@@ -122,6 +140,75 @@ def _triton_bwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, 
     return dx, dy, ds[: _cdiv(b, used["m"])].sum()
 
 
+# Panel backward: R rows per panel, R = 1 GiB of G in the input dtype (8192 rows at N = 64k in bf16), but at least
+# _MIN_PANEL_ROWS: dY's fp32 read-modify-write (N D 8 bytes per panel) stays below G's own traffic (R N e) when
+# R >= 4D / e, and the dX GEMM's grid (R / 128 x D / 128 programs) fills 132 SMs at D >= 512
+# (benchmarks/roofline.py). G then takes 4096 N e bytes at most: 2 GiB at N = 256k in bf16.
+_PANEL_BYTES = 1 << 30
+_MIN_PANEL_ROWS = 4096
+_MAX_PANEL_ROWS = 1 << 20
+BACKWARDS = ("panel", "tiles")
+
+
+def backward_impl() -> str:
+    """R2D2DS_CONTRASTIVE_BWD: "panel" (default: G panels + two GEMMs) or "tiles" (the two recompute kernels with
+    per-tile fp32 read-modify-write), kept selectable until a GPU has timed both (benchmarks/roofline.py)."""
+    impl = os.environ.get("R2D2DS_CONTRASTIVE_BWD", "panel")
+    if impl not in BACKWARDS:
+        raise ValueError(f"R2D2DS_CONTRASTIVE_BWD must be one of {BACKWARDS}, got {impl!r}")
+    return impl
+
+
+def panel_rows(b: int, n: int, elt: int) -> int:
+    """Rows per panel of the panel backward (a multiple of 128 unless it is all of b)."""
+    rows = max(_MIN_PANEL_ROWS, _PANEL_BYTES // max(1, n * elt) // 128 * 128)
+    # panel_grid has R N / (BLOCK_M BLOCK_N) programs on axis 0: R N <= 2^38 keeps it <= 2^30 at 16 x 16 tiles
+    rows = min(rows, max(128, (1 << 38) // max(1, n) // 128 * 128))
+    return min(b, rows, _MAX_PANEL_ROWS)
+
+
+def _triton_bwd_panel(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tlse_r, w,
+                      cnt_c=None, lse_c=None, tlse_c=None, out_dtype=None):
+    """The panel backward (same contract as _triton_bwd): per panel of R rows, one kernel writes G = p - q (in
+    the input dtype, fp16 prescaled) and two GEMMs with fp32 accumulation give dx[panel] = w scale G y (written
+    once, in out_dtype when given) and dy (+)= w scale G^T x[panel] (fp32 across panels; one panel: written once).
+    """
+    args, w = _bwd_args(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, lse_r, tlse_r, w, cnt_c, lse_c, tlse_c)
+    (b, d), n = x.shape, y.shape[0]
+    teacher, fuse = xt is not None, lse_c is not None
+    flags = _bwd_flags(x)
+    gemm_flags = {k: flags[k] for k in ("DOT_FP32", "PREC", "G_PRESCALE")}
+    r = panel_rows(b, n, x.element_size())
+    one_panel = r >= b
+    dx_dtype = out_dtype or torch.float32
+    dx = torch.full((b, d), float("nan"), dtype=dx_dtype, device=x.device)  # poisoned: unwritten rows fail
+    dy = torch.full((n, d), float("nan"), dtype=dx_dtype if one_panel else torch.float32, device=x.device)
+    g = torch.empty((r, n), dtype=x.dtype, device=x.device)  # (R, N), reused by every panel
+    ds = torch.zeros((), dtype=torch.float32, device=x.device)
+    for r0 in range(0, b, r):
+        rows = min(r, b - r0)
+        parts = {}
+
+        def grid(meta, rows=rows, parts=parts):
+            parts["grid"] = panel_grid(n, rows, meta["BLOCK_N"], meta["BLOCK_M"])
+            return parts["grid"]
+
+        ds_part = torch.full((_cdiv(n, 16) * _cdiv(rows, 16),), float("nan"), dtype=torch.float32,
+                             device=x.device)
+        tk._grad_panel_kernel[grid](*args, g, ds_part, r0, rows, n, d, x.stride(0), y.stride(0), float(alpha),
+                                    HAS_TEACHER=teacher, FUSE_T=fuse, **flags)
+        ds += ds_part[: parts["grid"][0]].sum()
+        # dx[panel] = c G y: (rows, N) @ (N, D)
+        tk._panel_matmul_kernel[lambda meta, rows=rows: gemm_grid(rows, d, meta["BLOCK_M"], meta["BLOCK_N"])](
+            g, y, dx[r0:r0 + rows], w, scale, rows, d, n, n, 1, y.stride(0), 1, ACCUMULATE=False, **gemm_flags)
+        # dy (+)= c G^T x[panel]: (N, rows) @ (rows, D), G^T read through strides
+        tk._panel_matmul_kernel[lambda meta, rows=rows: gemm_grid(n, d, meta["BLOCK_M"], meta["BLOCK_N"])](
+            g, x[r0:r0 + rows], dy, w, scale, n, d, rows, 1, n, x.stride(0), 1, ACCUMULATE=r0 > 0, **gemm_flags)
+    if out_dtype is not None and dy.dtype != out_dtype:
+        dy = dy.to(out_dtype)
+    return dx, dy, ds * w
+
+
 class _TritonBackend:
     @staticmethod
     def teacher_lse(xt, yt, scale):
@@ -133,7 +220,7 @@ class _TritonBackend:
         return lse
 
     fwd = staticmethod(_triton_fwd)
-    bwd = staticmethod(_triton_bwd)
+    bwd = staticmethod(_triton_bwd_panel)
 
     @staticmethod
     def sample(x, y, scale, ids_r, ids_c, seed, row_off):
@@ -143,8 +230,19 @@ class _TritonBackend:
         return neg
 
 
-def _triton():
-    """Import Triton and define the kernels once (lazily: TRITON_INTERPRET must be set before the import)."""
+class _TritonTilesBackend(_TritonBackend):
+    """The previous backward (two recompute kernels, per-tile fp32 read-modify-write)."""
+
+    bwd = staticmethod(_triton_bwd)
+
+
+def _triton(backward: str | None = None):
+    """Import Triton and define the kernels once (lazily: TRITON_INTERPRET must be set before the import); the
+    backend with the backward named by `backward`, default R2D2DS_CONTRASTIVE_BWD (read here, at the forward, so
+    a step's forward and backward agree)."""
     if tk.triton is None:
         tk.define_kernels()
-    return _TritonBackend
+    backward = backward or backward_impl()
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    return _TritonBackend if backward == "panel" else _TritonTilesBackend

@@ -28,13 +28,16 @@ _TILES = [
 _INTERPRET_TILE = (64, 64, 64, 4, 1)
 
 
-def _configs() -> list:
+def _tile_configs(tiles: list, interpret_tile: tuple, names: tuple[str, ...]) -> list:
     """The autotune list; R2D2DS_AUTOTUNE=0 keeps only the first tile (tests: one compile per variant)."""
-    tiles = [_INTERPRET_TILE] if _interpreting() else _TILES
+    tiles = [interpret_tile] if _interpreting() else tiles
     if os.environ.get("R2D2DS_AUTOTUNE", "1") == "0":
         tiles = tiles[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=s)
-            for m, n, d, w, s in tiles]
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+
+
+def _configs() -> list:
+    return _tile_configs(_TILES, _INTERPRET_TILE, ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
 
 
 # The autotune keys hold every size _prune reads (B, N, D): the kept list depends on them, so a key without one
@@ -54,6 +57,27 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return kept or [min(configs, key=volume)]
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the panel backward's GEMMs: M is the long side (B or
+# N rows), N the embedding width D, K the panel's reduction (N columns or R rows); the usual Hopper tiles.
+_GEMM_TILES = [
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+]
+_INTERPRET_GEMM_TILE = (64, 64, 64, 4, 1)
+
+
+def _gemm_configs() -> list:
+    return _tile_configs(_GEMM_TILES, _INTERPRET_GEMM_TILE, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+
+
+def _gemm_prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop tiles wider than the problem; the key (M, N, K) holds every size read here."""
+    args = {**named_args, **kwargs}
+    caps = {name: max(16, triton.next_power_of_2(args[size])) for name, size in
+            (("BLOCK_M", "M"), ("BLOCK_N", "N"), ("BLOCK_K", "K"))}
+    kept = [c for c in configs if all(c.kwargs[name] <= cap for name, cap in caps.items())]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
@@ -67,7 +91,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 def define_kernels():
     global triton, tl, _dot_tile, _grad_tile, _row_stats, _col_stats, _add_tile_matmul
-    global _fwd_kernel, _bwd_dx_kernel, _bwd_dy_kernel
+    global _fwd_kernel, _bwd_dx_kernel, _bwd_dy_kernel, _grad_panel_kernel, _panel_matmul_kernel
     import triton
     import triton.language as tl
 
@@ -289,3 +313,78 @@ def define_kernels():
                                 FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
             _add_tile_matmul(tl.trans(g), w * scale, X, rows64, rmask, stride_x, DY, cols64, cmask, D, m0 > 0,
                              BLOCK_D, DOT_FP32, PREC, G_PRESCALE)
+
+    # --- "panel" backward (the default; R2D2DS_CONTRASTIVE_BWD=tiles selects the two kernels above) ----------
+    # Per panel of R rows: _grad_panel_kernel recomputes each (BLOCK_M, BLOCK_N) logit tile ONCE and writes the
+    # gradient tile G (p - q, unweighted) to an (R, N) buffer in the input dtype; then two GEMMs with fp32
+    # accumulation, dX[panel] = c G Y and dY (+)= c G^T X[panel] (c = w * scale), read it. No fp32 read-modify-
+    # write per tile: dX is written once, dY once per panel. Every program is independent (one per tile of the
+    # panel), so the grid fills the GPU even when B_local / BLOCK_M is below the SM count.
+
+    @triton.autotune(configs=_configs(), key=["B", "N", "D", "HAS_TEACHER", "FUSE_T"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _grad_panel_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, CNT_C, LSE_R, LSE_C, TLSE_R, TLSE_C, SCALE, G, DS,
+                           row0, B, N, D, stride_x, stride_y, alpha,
+                           HAS_TEACHER: tl.constexpr, FUSE_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                           PREC: tl.constexpr, G_PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (column tile, row tile) of the panel of B rows starting at global row row0: G (B, N) row-major
+        # in G's dtype holds G_PRESCALE * (p - q) (fp16: 2^14, so entries ~1/N stay normal), DS[program] the
+        # tile's sum of (p - q) <x, y> (dscale's part before the weight w).
+        # 1-D grid, row tile fastest: consecutive programs share a column tile (Y read from HBM once per panel;
+        # the panel's X rows, R x D, stay in L2).
+        num_m = tl.cdiv(B, BLOCK_M)
+        pid_m = tl.program_id(0) % num_m
+        pid_n = tl.program_id(0) // num_m
+        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = local < B
+        rows64 = row0 + local.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        cols64 = cols.to(tl.int64)
+        scale = tl.load(SCALE)
+        ids_r, cnt_r, lse_r, tlse_r = _row_stats(IDS_R, CNT_R, LSE_R, TLSE_R, rows64, rmask, HAS_TEACHER)
+        ids_c, cnt_c, lse_c, tlse_c = _col_stats(IDS_C, CNT_C, LSE_C, TLSE_C, cols, cmask, HAS_TEACHER, FUSE_T)
+        g, dot = _grad_tile(X, Y, XT, YT, rows64, cols64, rmask, cmask, ids_r, ids_c, cnt_r, cnt_c, lse_r,
+                            lse_c, tlse_r, tlse_c, scale, 1.0, alpha, D, stride_x, stride_y, HAS_TEACHER,
+                            FUSE_T, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PREC)
+        tl.store(DS + tl.program_id(0), tl.sum(tl.sum(g * dot, 1), 0))
+        g_ptrs = G + local.to(tl.int64)[:, None] * N + cols64[None, :]
+        tl.store(g_ptrs, (g * G_PRESCALE).to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "ACCUMULATE"],
+                     prune_configs_by={"early_config_prune": _gemm_prune})
+    @triton.jit
+    def _panel_matmul_kernel(A, Bm, C, W, SCALE, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                             ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+                             G_PRESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # C (M, N) row-major (+)= (w * scale / G_PRESCALE) * A (M, K) @ Bm (K, N), fp32 accumulation, one store
+        # in C's dtype. A is the G panel or its transpose (strides), Bm the rows it multiplies (unit last stride).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm64 = rm.to(tl.int64)
+        mmask = rm < M
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            rk64 = rk.to(tl.int64)
+            a = tl.load(A + rm64[:, None] * stride_am + rk64[None, :] * stride_ak,
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(Bm + rk64[:, None] * stride_bk + rn[None, :] * stride_bn,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = acc * (tl.load(W) * tl.load(SCALE) / G_PRESCALE)
+        c_ptrs = C + rm64[:, None] * N + rn[None, :]
+        cmask = mmask[:, None] & nmask[None, :]
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=cmask)

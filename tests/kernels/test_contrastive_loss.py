@@ -158,9 +158,10 @@ def test_half_inputs_within_rounding_bound(impl, dtype):
             f"2 x torch {base_err:.3g} + rounding bound by {float(excess.max()):.3g}"
 
 
+@pytest.mark.parametrize("bwd", ["panel", "tiles"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["single-process", "one-direction"])
 @pytest.mark.parametrize("w_log2", [-17, -24])
-def test_fp16_backward_does_not_underflow_at_large_n(fuse, w_log2):
+def test_fp16_backward_does_not_underflow_at_large_n(fuse, w_log2, bwd, monkeypatch):
     """fp16 gradient tiles at a large-N row weight: the accumulated dx, dy (fp32 buffers) match float64 within
     fp16 rounding of the tile, never flushed to zero.
 
@@ -172,6 +173,7 @@ def test_fp16_backward_does_not_underflow_at_large_n(fuse, w_log2):
 
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or the Triton interpreter")
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", bwd)
     b, d = 128, 64
     emb, labels = make_inputs(b, d, seed=17)
     emb = [e.half().double() for e in emb]
@@ -260,3 +262,44 @@ def test_large_batch_cuda_matches_torch_path():
     ref = run_impl("torch", emb, labels, 0.4, True)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+BACKWARDS = ["panel", "tiles"]
+
+
+@pytest.mark.parametrize("bwd", BACKWARDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [("groups", True, 0.4), ("diag", False, 0.0)], ids=["groups-teacher", "diag"])
+def test_triton_backwards_match_float64(bwd, dtype, case, monkeypatch):
+    """Both Triton backwards (R2D2DS_CONTRASTIVE_BWD) at B = 300: five column tiles of 64, and for the panel
+    backward panels of 128 rows (three panels: dy accumulates across them), against float64 on the same
+    (rounded) inputs; bf16 within the rounding bound (rounding_bounds), fp32 as the fp32 test above."""
+    import importlib
+
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", bwd)
+    launchers = importlib.import_module("r2d2ds.kernels.contrastive_loss.launchers")
+    monkeypatch.setattr(launchers, "_PANEL_BYTES", 1)  # panels of 128 rows
+    monkeypatch.setattr(launchers, "_MIN_PANEL_ROWS", 128)
+    mode, teacher, alpha = case
+    emb, labels = make_inputs(300, 96, seed=31)
+    emb = [e.to(dtype).double() for e in emb]
+    labels = labels if mode == "groups" else None
+    ref = reference_grads(emb, labels, alpha, teacher)
+    got = run_impl("triton", emb, labels, alpha, teacher, dtype=dtype)
+    if dtype == torch.float32:
+        bounds = [2e-5 * max(1.0, float(ref[0].abs())), 2e-6, 2e-6, 2e-5]
+    else:
+        bounds = rounding_bounds(emb, labels, alpha, teacher, 2.0**-8)
+    for name, g, r, bound in zip(["loss", "d_image", "d_text", "d_scale"], got, ref, bounds):
+        excess = float(((g.double().cpu() - r).abs() - bound).max())
+        assert excess <= 0, f"{bwd} {dtype} {name}: error beyond the bound by {excess:.3g}"
+
+
+def test_backward_choice_is_validated(monkeypatch):
+    from r2d2ds.kernels.contrastive_loss.launchers import backward_impl
+
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", "fast")
+    with pytest.raises(ValueError, match="R2D2DS_CONTRASTIVE_BWD"):
+        backward_impl()

@@ -30,8 +30,11 @@ def assert_cuda_grid(grid: tuple, what: str) -> None:
         assert 1 <= size <= cap, f"{what}: axis {axis} has {size} programs, CUDA allows {cap}"
 
 
-def contrastive_grids(b: int, n: int, block: int) -> dict:
-    return {"fwd/sampler/dx": cl.row_grid(b, block), "dy": cl.col_grid(n, block)}
+def contrastive_grids(b: int, n: int, block: int, d: int = 1024) -> dict:
+    r = cl.panel_rows(b, n, 2)
+    return {"fwd/sampler/dx": cl.row_grid(b, block), "dy": cl.col_grid(n, block),
+            "grad panel": cl.panel_grid(n, r, block, block), "panel dx gemm": cl.gemm_grid(r, d, block, block),
+            "panel dy gemm": cl.gemm_grid(n, d, block, block)}
 
 
 def cross_attention_grids(B: int, H: int, Lq: int, Lk: int, block: int) -> dict:
@@ -49,7 +52,7 @@ def test_cross_attention_grids_within_cuda_limits(B, H, Lq, Lk):
             assert_cuda_grid(grid, f"cross_attention {name} B={B} H={H} Lq={Lq} Lk={Lk} block={block}")
 
 
-@pytest.mark.parametrize("b,n", [(2**30, 2**30), (1, 2**31 - 1), (65_537 * 16, 65_537 * 16)])
+@pytest.mark.parametrize("b,n", [(2**30, 2**30), (1, 2**31 - 1), (2**30, 1), (65_537 * 16, 65_537 * 16)])
 def test_contrastive_grids_within_cuda_limits(b, n):
     for block in (SMALLEST_BLOCK, 64, 128, 256):
         for name, grid in contrastive_grids(b, n, block).items():
@@ -87,7 +90,7 @@ def _spy(monkeypatch, module, names):
 def test_every_launcher_takes_its_grid_from_the_grid_functions(monkeypatch):
     """Run each launcher once at a tiny size with the grid functions spied on: every kernel's grid is one the
     limit tests above check (a launcher computing its own grid would leave its function uncalled)."""
-    cl_calls = _spy(monkeypatch, cl, ["row_grid", "col_grid"])
+    cl_calls = _spy(monkeypatch, cl, ["row_grid", "col_grid", "panel_grid", "gemm_grid"])
     ca_calls = _spy(monkeypatch, ca, ["fwd_grid", "dkdv_grid", "fused_bwd_grid"])
     gen = torch.Generator().manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,8 +98,10 @@ def test_every_launcher_takes_its_grid_from_the_grid_functions(monkeypatch):
             for _ in range(2))
     from r2d2ds.kernels import contrastive_loss, sample_hard_negatives
 
-    loss = contrastive_loss(x, y, 10.0, impl="triton")
-    loss.backward()
+    contrastive_loss(x, y, 10.0, impl="triton").backward()  # the panel backward (default)
+    assert cl_calls["panel_grid"] == 1 and cl_calls["gemm_grid"] == 2, cl_calls
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", "tiles")
+    contrastive_loss(x, y, 10.0, impl="triton").backward()
     sample_hard_negatives(x.detach(), y.detach(), 10.0, impl="triton", seed=0)
     assert cl_calls["row_grid"] >= 3 and cl_calls["col_grid"] >= 1, cl_calls
     q = torch.randn(2, 2, 9, 16, generator=gen).to(dev).requires_grad_()
@@ -125,6 +130,9 @@ def _kernels_with_tiles():
     pairs = ("BLOCK_M", "BLOCK_N")
     return [("contrastive fwd", ck_mod._fwd_kernel, cl_cfg), ("contrastive bwd dx", ck_mod._bwd_dx_kernel, cl_cfg),
             ("contrastive bwd dy", ck_mod._bwd_dy_kernel, cl_cfg),
+            ("contrastive grad panel", ck_mod._grad_panel_kernel, cl_cfg),
+            ("contrastive panel gemm", ck_mod._panel_matmul_kernel,
+             _full_configs(ck_mod._GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))),
             ("cross_attention fwd", ck.fwd, _full_configs(ca._FWD_TILES, pairs)),
             ("cross_attention dkdv", ck.dkdv, _full_configs(ca._DKDV_TILES, pairs)),
             ("cross_attention dq", ck.dq, _full_configs(ca._DQ_TILES, pairs)),
@@ -133,10 +141,11 @@ def _kernels_with_tiles():
 
 SIZES = (1, 7, 33, 64, 300, 4097, 70_000)
 # The kernels' integer (size) arguments; the others are tensors or floats, which no prune reads as a size.
-INT_ARGS = {"B", "N", "D", "H", "Lq", "Lk", "stride_x", "stride_y", "seed", "row_off", "BLOCK_D", "BLOCK_M"}
+INT_ARGS = {"B", "N", "D", "H", "Lq", "Lk", "M", "K", "stride_x", "stride_y", "stride_am", "stride_ak", "stride_bk",
+            "stride_bn", "seed", "row_off", "row0", "BLOCK_D", "BLOCK_M"}
 
 
-@pytest.mark.parametrize("idx", range(7))
+@pytest.mark.parametrize("idx", range(9))
 def test_autotune_key_holds_every_size_the_prune_reads(idx):
     name, kernel, configs = _kernels_with_tiles()[idx]
     assert kernel.early_config_prune is not None, name
