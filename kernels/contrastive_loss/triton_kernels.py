@@ -239,10 +239,16 @@ def define_kernels():
                         q += alpha * tl.exp(t - tlse_r[:, None])
                     tgt += tl.sum(tl.where(cmask[None, :], q * s, 0.0), 1)
                 if SAMPLE:
-                    # Philox keyed by (seed, global row * N + column): the draw of an entry does not depend on
-                    # the tiling, so the loss pass and the standalone sampler draw the same numbers.
-                    offs = (row_off + rows64)[:, None] * N + cols64[None, :]
-                    u = tl.maximum(tl.rand(seed, offs), 1e-20)
+                    # Philox4x32 keyed by (seed, global row * ceil(N / 4) + column // 4): one call gives the
+                    # uniforms of 4 adjacent columns (all four outputs used; BLOCK_N and n0 are multiples of 4),
+                    # so an entry's draw depends only on (seed, row, column), not on the tiling or the launch:
+                    # the loss pass and the standalone sampler draw the same numbers.
+                    groups = n0 // 4 + tl.arange(0, BLOCK_N // 4)
+                    offs = (row_off + rows64)[:, None] * ((N + 3) // 4) + groups[None, :]
+                    u0, u1, u2, u3 = tl.rand4x(seed, offs)  # (BLOCK_M, BLOCK_N // 4) each
+                    # columns 4k + j take u_j[k]: interleave(interleave(u0, u2), interleave(u1, u3))
+                    u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
+                    u = tl.maximum(u, 1e-20)
                     z = tl.where(cmask[None, :] & (pos == 0), s - tl.log(-tl.log(u)), float("-inf"))
                     tile_best = tl.max(z, 1)
                     tile_arg = tl.argmax(z, 1).to(tl.int64) + n0

@@ -5,6 +5,9 @@ The 2-rank case (global indices of the right owner) is in tests/distributed/test
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +157,23 @@ def test_distribution_across_many_column_tiles(source):
     for counts, p in ((counts_t, p_t), (counts_i, p_i)):
         stat = chisquare(counts.numpy(), (p * counts.sum()).numpy())
         assert stat.pvalue > 1e-3, f"{source}: counts {counts.tolist()} vs p {p.tolist()} (p={stat.pvalue:.2g})"
+
+
+def test_triton_draws_do_not_depend_on_the_tiling(monkeypatch):
+    """Same seed, column tiles of 64 and of 16 (Philox offsets per group of 4 columns, all four outputs used):
+    identical draws, so the loss pass, the sampler and any autotuned tile agree."""
+    tk = importlib.import_module("r2d2ds.kernels.contrastive_loss.triton_kernels")
+    img, txt, labels = batch(70, 32, seed=8, groups=True)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    a = sample_hard_negatives(img, txt, 0.5, labels, impl="triton", seed=77)
+    tiles = {"_INTERPRET_TILE": (32, 16, 16, 4, 1), "_TILES": [(32, 16, 16, 4, 3)]}
+    for name, value in tiles.items():
+        monkeypatch.setattr(tk, name, value)
+    tk.define_kernels()
+    try:
+        b = sample_hard_negatives(img, txt, 0.5, labels, impl="triton", seed=77)
+    finally:
+        monkeypatch.undo()
+        tk.define_kernels()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
