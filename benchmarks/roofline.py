@@ -18,7 +18,9 @@ one wave (S at a time) walk the same column tiles together, so L2 serves a tile 
 once per wave: waves(P) = ceil(P / S) reads of it.
 
 Contrastive loss, diagonal ids, no teacher (credited 8 B N D FLOPs per forward + backward, the benchmark's rule):
-  fwd (one per direction on the Triton path: two)       FLOPs 2BND;  bytes BDe + waves(B/BM) N D e;  exp BN
+  fwd "rows" (one per direction: two)                    FLOPs 2BND;  bytes BDe + waves(B/BM) N D e;  exp BN
+  fwd "split" (both directions, CHUNKS x SPLITS ~ 2S programs)  FLOPs 2BND;  exp 2BN;  bytes
+      ceil(B / BM / CHUNKS) N D e + SPLITS B D e + (B / BM) N 24 (column partials) + SPLITS B 12
   bwd "tiles" dx kernel (FUSE_T: both directions)        FLOPs 4BND (logits recomputed + G Y);  exp 2BN;
       bytes waves(B/BM) 2 N D e (Y twice) + B N D (8 + e) / BN: each (row block, column tile) step reads and
       writes its BM x D fp32 dx rows and rereads its x rows: 132 programs x (BM D 4 + BM D e) = 78 MB at D = 768
@@ -92,6 +94,19 @@ def loss_fwd(b: int, n: int, d: int, e: int, sms: int, teacher: bool = False, sa
                   int_ops=PHILOX_INT_OPS * philox_per_logit * b * n if sample else 0)
 
 
+def loss_fwd_split(b: int, n: int, d: int, e: int, sms: int, teacher: bool = False) -> Kernel:
+    """The split forward, both directions in one pass (single process): CHUNKS x SPLITS programs (~2 per SM);
+    Y streamed once per round of CHUNKS row blocks, X once per split, the column partials (max, sum, target: 12
+    bytes) read and written per (row block, column), the row partials written per split."""
+    from r2d2ds.kernels.contrastive_loss.launchers import split_shape
+
+    chunks, splits = split_shape(b, n, 2 * sms)
+    mult = 2 if teacher else 1
+    rounds = math.ceil(math.ceil(b / BM) / chunks)
+    nbytes = mult * (rounds * n * d * e + splits * b * d * e) + math.ceil(b / BM) * n * 24 + splits * b * 12
+    return Kernel("fwd both (split)", mult * 2 * b * n * d, nbytes, chunks * splits, exp=2 * mult * b * n)
+
+
 def loss_bwd_tiles(b: int, n: int, d: int, e: int, sms: int, teacher: bool = False) -> list[Kernel]:
     out = []
     for name, rows, cols in (("bwd tiles dx", b, n), ("bwd tiles dy", n, b)):
@@ -119,16 +134,18 @@ def loss_bwd_panel(b: int, n: int, d: int, e: int, sms: int, teacher: bool = Fal
 
 
 def loss_paths(b: int, d: int, sms: int, e: int = 2) -> dict[str, list[Kernel]]:
-    """Single GPU (N = B): the Triton path before (two forward passes + the tiles backward) and after (two
-    forward passes + the panel backward); with the teacher: its LSE pass per direction too."""
+    """Single GPU (N = B): the Triton path before (a forward pass per direction + the tiles backward) and after
+    (one split forward for both directions + the panel backward); with the teacher: its LSE passes too (before:
+    one per direction; after: one split pass for both)."""
     n = b
     fwd2 = [loss_fwd(b, n, d, e, sms), loss_fwd(n, b, d, e, sms)]
     fwd2_t = [loss_fwd(b, n, d, e, sms), loss_fwd(n, b, d, e, sms),  # teacher LSE passes
               loss_fwd(b, n, d, e, sms, teacher=True), loss_fwd(n, b, d, e, sms, teacher=True)]
-    return {"loss before (tiles bwd)": fwd2 + loss_bwd_tiles(b, n, d, e, sms),
-            "loss after (panel bwd)": fwd2 + loss_bwd_panel(b, n, d, e, sms),
+    both, both_t = loss_fwd_split(b, n, d, e, sms), loss_fwd_split(b, n, d, e, sms, teacher=True)
+    return {"loss before (rows fwd x2, tiles bwd)": fwd2 + loss_bwd_tiles(b, n, d, e, sms),
+            "loss after (split fwd, panel bwd)": [both] + loss_bwd_panel(b, n, d, e, sms),
             "loss+teacher before": fwd2_t + loss_bwd_tiles(b, n, d, e, sms, teacher=True),
-            "loss+teacher after": fwd2_t + loss_bwd_panel(b, n, d, e, sms, teacher=True),
+            "loss+teacher after": [both, both_t] + loss_bwd_panel(b, n, d, e, sms, teacher=True),
             "sampler before (1 Philox / logit)": [loss_fwd(b, n, d, e, sms, sample=True, philox_per_logit=1),
                                                   loss_fwd(n, b, d, e, sms, sample=True, philox_per_logit=1)],
             "sampler after (1/4 Philox / logit)": [loss_fwd(b, n, d, e, sms, sample=True),

@@ -56,7 +56,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         off = row_offset(sizes, group)
         lses, tlses, negs = [], [], []
         total = torch.zeros((), dtype=torch.float32, device=image_emb.device)
-        if world == 1 and not sample and hasattr(backend, "fwd_both"):
+        if world == 1 and not sample and getattr(backend, "fwd_both", None) is not None:
             # single process: both directions from one pass over the logits (column LSE merged online)
             tlses = list(backend.lse_both(t_img, t_txt, scale_d)) if teacher else [None, None]
             lse0, tgt0, lse1, tgt1 = backend.fwd_both(image_emb, text_emb, scale_d, ids_r, cnt,

@@ -3,6 +3,7 @@ Function calls (`_triton()`), mirroring blockwise_torch's `_TorchBackend`."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -94,6 +95,82 @@ def _triton_fwd(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row
         scale, lse, tgt, neg, b, n, d, x.stride(0), y.stride(0), float(alpha), int(seed or 0), int(row_off),
         HAS_TEACHER=teacher, COMPUTE_TGT=compute_tgt, SAMPLE=sample, **_flags(x))
     return lse, (tgt if compute_tgt else None), (neg if sample else None)
+
+
+# Split forward: about this many programs (per launch) on CUDA, from the SM count; in the interpreter a few, so the
+# tests run several chunks and splits.
+_PROGRAMS_PER_SM = 2
+_INTERPRET_PROGRAMS = 6
+FORWARDS = ("split", "rows")
+
+
+def forward_impl() -> str:
+    """R2D2DS_CONTRASTIVE_FWD: "split" (default: CHUNKS x SPLITS grid, both directions in one pass when single
+    process) or "rows" (the previous one-program-per-row-block kernel, one pass per direction)."""
+    impl = os.environ.get("R2D2DS_CONTRASTIVE_FWD", "split")
+    if impl not in FORWARDS:
+        raise ValueError(f"R2D2DS_CONTRASTIVE_FWD must be one of {FORWARDS}, got {impl!r}")
+    return impl
+
+
+def split_shape(b: int, n: int, programs: int) -> tuple[int, int]:
+    """(CHUNKS, SPLITS) of the split forward: about `programs` programs, chunks ~ sqrt(programs) when there are
+    enough row blocks (the column partials take CHUNKS x N x 12 bytes, the row partials SPLITS x B x 20)."""
+    chunks = max(1, min(_cdiv(b, 128), math.isqrt(programs - 1) + 1))
+    splits = max(1, min(_cdiv(programs, chunks), _cdiv(n, 128)))
+    return chunks, splits
+
+
+def split_grid(chunks: int, splits: int) -> tuple[int]:
+    """Split forward: CHUNKS x SPLITS programs on axis 0 (a few hundred)."""
+    return (chunks * splits,)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRET_PROGRAMS
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _merge_lse(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 0 of partials (max m, sum l of exp(s - m)): m_max + log(sum l exp(m - m_max))."""
+    mx = m.amax(0)
+    return mx + (l * torch.exp(m - mx)).sum(0).log()
+
+
+def _triton_fwd_split(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, tlse, seed, row_off, compute_tgt=True,
+                      cnt_c=None, tlse_c=None, col_stats=False):
+    """_triton_fwd's contract on the split grid; col_stats (single process, y's rows are the t2i rows) adds the
+    column direction: returns (lse, tgt, neg, lse_c, tgt_c)."""
+    _check(x, y, xt, yt, ids_r, ids_c)
+    b, d = x.shape
+    n = y.shape[0]
+    chunks, splits = split_shape(b, n, _target_programs(x.device))
+    f32 = dict(dtype=torch.float32, device=x.device)
+    nan = float("nan")
+    row_m, row_l = torch.full((splits, b), nan, **f32), torch.full((splits, b), nan, **f32)  # poisoned
+    row_t = torch.full((splits, b), nan, **f32) if compute_tgt else row_m
+    sample = seed is not None
+    row_best = torch.full((splits, b), nan, **f32) if sample else row_m
+    row_arg = torch.full((splits, b), -7, dtype=torch.long, device=x.device) if sample else row_m
+    cols = (chunks, n) if col_stats else (1, 1)
+    col_m = torch.full(cols, float("-inf"), **f32)  # merged into: start from the empty sum
+    col_l, col_t = torch.zeros(cols, **f32), torch.zeros(cols, **f32)
+    teacher = xt is not None
+    tk._fwd_split_kernel[split_grid(chunks, splits)](
+        x, y, xt if teacher else x, yt if teacher else y, ids_r, ids_c, cnt_r, cnt_r if cnt_c is None else cnt_c,
+        tlse if teacher else cnt_r, tlse_c if (teacher and col_stats) else cnt_r, scale,
+        row_m, row_l, row_t, row_best, row_arg, col_m, col_l, col_t,
+        b, n, d, x.stride(0), y.stride(0), float(alpha), int(seed or 0), int(row_off), chunks, splits,
+        HAS_TEACHER=teacher, COMPUTE_TGT=compute_tgt, SAMPLE=sample, COL_STATS=col_stats, **_flags(x))
+    lse = _merge_lse(row_m, row_l)
+    tgt = row_t.sum(0) if compute_tgt else None
+    neg = None
+    if sample:  # the Gumbel-max over all columns is the max over the splits' maxima
+        neg = row_arg.gather(0, row_best.argmax(0, keepdim=True)).squeeze(0)
+    if not col_stats:
+        return lse, tgt, neg
+    return lse, tgt, neg, _merge_lse(col_m, col_l), (col_t.sum(0) if compute_tgt else None)
 
 
 def _bwd_args(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, lse_r, tlse_r, w, cnt_c, lse_c, tlse_c) -> tuple:
@@ -210,39 +287,51 @@ def _triton_bwd_panel(x, y, scale, ids_r, ids_c, cnt_r, xt, yt, alpha, lse_r, tl
 
 
 class _TritonBackend:
-    @staticmethod
-    def teacher_lse(xt, yt, scale):
+    """Kernels chosen by R2D2DS_CONTRASTIVE_FWD / _BWD at the forward (so a step's forward and backward agree)."""
+
+    def __init__(self, forward: str, backward: str):
+        self.fwd = _triton_fwd_split if forward == "split" else _triton_fwd
+        self.bwd = _triton_bwd_panel if backward == "panel" else _triton_bwd
+        # single process, both directions from one pass (autograd uses it when present)
+        self.fwd_both = self._fwd_both if forward == "split" else None
+
+    def teacher_lse(self, xt, yt, scale):
         n = yt.shape[0]
         ids = torch.zeros(xt.shape[0], dtype=torch.long, device=xt.device)
         ones = torch.ones(xt.shape[0], dtype=torch.float32, device=xt.device)
-        lse, _, _ = _triton_fwd(xt, yt, scale, ids, torch.zeros(n, dtype=torch.long, device=xt.device), ones,
-                                None, None, 0.0, None, None, 0, compute_tgt=False)
-        return lse
+        return self.fwd(xt, yt, scale, ids, torch.zeros(n, dtype=torch.long, device=xt.device), ones, None, None,
+                        0.0, None, None, 0, compute_tgt=False)[0]
 
-    fwd = staticmethod(_triton_fwd)
-    bwd = staticmethod(_triton_bwd_panel)
+    def sample(self, x, y, scale, ids_r, ids_c, seed, row_off):
+        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        return self.fwd(x, y, scale, ids_r, ids_c, ones, None, None, 0.0, None, seed, row_off,
+                        compute_tgt=False)[2]
 
     @staticmethod
-    def sample(x, y, scale, ids_r, ids_c, seed, row_off):
-        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-        _, _, neg = _triton_fwd(x, y, scale, ids_r, ids_c, ones, None, None, 0.0, None, seed, row_off,
-                                compute_tgt=False)
-        return neg
+    def _fwd_both(x, y, scale, ids, cnt, xt, yt, alpha, tlse_r, tlse_c):
+        """The blockwise torch path's fwd_both contract: lse_r, tgt_r, lse_c, tgt_c from one pass."""
+        lse_r, tgt_r, _, lse_c, tgt_c = _triton_fwd_split(x, y, scale, ids, ids, cnt, xt, yt, alpha, tlse_r, None,
+                                                          0, cnt_c=cnt, tlse_c=tlse_c, col_stats=True)
+        return lse_r, tgt_r, lse_c, tgt_c
+
+    @staticmethod
+    def lse_both(xt, yt, scale):
+        """The teacher's row and column LSEs from one pass."""
+        b = xt.shape[0]
+        ids = torch.zeros(b, dtype=torch.long, device=xt.device)
+        ones = torch.ones(b, dtype=torch.float32, device=xt.device)
+        out = _triton_fwd_split(xt, yt, scale, ids, ids, ones, None, None, 0.0, None, None, 0, compute_tgt=False,
+                                col_stats=True)
+        return out[0], out[3]
 
 
-class _TritonTilesBackend(_TritonBackend):
-    """The previous backward (two recompute kernels, per-tile fp32 read-modify-write)."""
-
-    bwd = staticmethod(_triton_bwd)
-
-
-def _triton(backward: str | None = None):
+def _triton(backward: str | None = None, forward: str | None = None) -> _TritonBackend:
     """Import Triton and define the kernels once (lazily: TRITON_INTERPRET must be set before the import); the
-    backend with the backward named by `backward`, default R2D2DS_CONTRASTIVE_BWD (read here, at the forward, so
-    a step's forward and backward agree)."""
+    backend with the kernels named by `forward` / `backward`, default R2D2DS_CONTRASTIVE_FWD / _BWD."""
     if tk.triton is None:
         tk.define_kernels()
     backward = backward or backward_impl()
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    return _TritonBackend if backward == "panel" else _TritonTilesBackend
+    forward = forward or forward_impl()
+    if backward not in BACKWARDS or forward not in FORWARDS:
+        raise ValueError(f"forward / backward must be in {FORWARDS} / {BACKWARDS}, got {forward!r} / {backward!r}")
+    return _TritonBackend(forward, backward)

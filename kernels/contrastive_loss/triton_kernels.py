@@ -90,8 +90,9 @@ def _gemm_prune(configs: list, named_args: dict, **kwargs) -> list:
 
 
 def define_kernels():
-    global triton, tl, _dot_tile, _grad_tile, _row_stats, _col_stats, _add_tile_matmul
+    global triton, tl, _dot_tile, _grad_tile, _row_stats, _col_stats, _add_tile_matmul, _fwd_row_init, _gumbel_tile
     global _fwd_kernel, _bwd_dx_kernel, _bwd_dy_kernel, _grad_panel_kernel, _panel_matmul_kernel
+    global _fwd_split_kernel
     import triton
     import triton.language as tl
 
@@ -166,6 +167,40 @@ def define_kernels():
         return ids_c, cnt_c, lse_c, tlse_c
 
     @triton.jit
+    def _fwd_row_init(IDS_R, CNT_R, TLSE_R, rows, rmask, HAS_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr):
+        # A forward row block's running state (max m, sum l, target term, Gumbel best value and column) and
+        # its per-row inputs (ids, positive counts, teacher LSE).
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        tgt = tl.zeros((BLOCK_M,), tl.float32)
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        best_idx = tl.full((BLOCK_M,), -1, tl.int64)
+        ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
+        cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
+        tlse_r = tl.zeros((BLOCK_M,), tl.float32)
+        if HAS_TEACHER:
+            tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+        return m_i, l_i, tgt, best, best_idx, ids_r, cnt_r, tlse_r
+
+    @triton.jit
+    def _gumbel_tile(s, pos, cmask, rows64, n0, N, seed, row_off, best, best_idx, BLOCK_N: tl.constexpr):
+        # Gumbel-max over one tile's non-positive columns, merged into the running (best, best_idx).
+        # Philox4x32 keyed by (seed, global row * ceil(N / 4) + column // 4): one call gives the uniforms of 4
+        # adjacent columns (all four outputs used; BLOCK_N and n0 are multiples of 4), so an entry's draw depends
+        # only on (seed, row, column), not on the tiling or the launch: the loss pass and the standalone sampler
+        # (and both forward kernels) draw the same numbers.
+        groups = n0 // 4 + tl.arange(0, BLOCK_N // 4)
+        offs = (row_off + rows64)[:, None] * ((N + 3) // 4) + groups[None, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, offs)  # (BLOCK_M, BLOCK_N // 4) each
+        # columns 4k + j take u_j[k]: interleave(interleave(u0, u2), interleave(u1, u3))
+        u = tl.maximum(tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3)), 1e-20)
+        z = tl.where(cmask[None, :] & (pos == 0), s - tl.log(-tl.log(u)), float("-inf"))
+        tile_best = tl.max(z, 1)
+        tile_arg = tl.argmax(z, 1).to(tl.int64) + n0
+        better = tile_best > best
+        return tl.where(better, tile_best, best), tl.where(better, tile_arg, best_idx)
+
+    @triton.jit
     def _add_tile_matmul(G, factor, Src, src_idx, src_mask, stride_src, Dst, dst_idx, dst_mask, D, accumulate,
                          BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
                          G_PRESCALE: tl.constexpr):
@@ -207,16 +242,8 @@ def define_kernels():
         rmask = rows < B
         rows64 = rows.to(tl.int64)
         scale = tl.load(SCALE)
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        tgt = tl.zeros((BLOCK_M,), tl.float32)
-        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        best_idx = tl.full((BLOCK_M,), -1, tl.int64)
-        ids_r = tl.load(IDS_R + rows, mask=rmask, other=0)
-        cnt_r = tl.load(CNT_R + rows, mask=rmask, other=1.0)
-        tlse_r = tl.zeros((BLOCK_M,), tl.float32)
-        if HAS_TEACHER:
-            tlse_r = tl.load(TLSE_R + rows, mask=rmask, other=0.0)
+        m_i, l_i, tgt, best, best_idx, ids_r, cnt_r, tlse_r = _fwd_row_init(IDS_R, CNT_R, TLSE_R, rows, rmask,
+                                                                            HAS_TEACHER, BLOCK_M)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
@@ -239,22 +266,8 @@ def define_kernels():
                         q += alpha * tl.exp(t - tlse_r[:, None])
                     tgt += tl.sum(tl.where(cmask[None, :], q * s, 0.0), 1)
                 if SAMPLE:
-                    # Philox4x32 keyed by (seed, global row * ceil(N / 4) + column // 4): one call gives the
-                    # uniforms of 4 adjacent columns (all four outputs used; BLOCK_N and n0 are multiples of 4),
-                    # so an entry's draw depends only on (seed, row, column), not on the tiling or the launch:
-                    # the loss pass and the standalone sampler draw the same numbers.
-                    groups = n0 // 4 + tl.arange(0, BLOCK_N // 4)
-                    offs = (row_off + rows64)[:, None] * ((N + 3) // 4) + groups[None, :]
-                    u0, u1, u2, u3 = tl.rand4x(seed, offs)  # (BLOCK_M, BLOCK_N // 4) each
-                    # columns 4k + j take u_j[k]: interleave(interleave(u0, u2), interleave(u1, u3))
-                    u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
-                    u = tl.maximum(u, 1e-20)
-                    z = tl.where(cmask[None, :] & (pos == 0), s - tl.log(-tl.log(u)), float("-inf"))
-                    tile_best = tl.max(z, 1)
-                    tile_arg = tl.argmax(z, 1).to(tl.int64) + n0
-                    better = tile_best > best
-                    best_idx = tl.where(better, tile_arg, best_idx)
-                    best = tl.where(better, tile_best, best)
+                    best, best_idx = _gumbel_tile(s, pos, cmask, rows64, n0, N, seed, row_off, best, best_idx,
+                                                  BLOCK_N)
         tl.store(LSE + rows, m_i + tl.log(l_i), mask=rmask)
         if COMPUTE_TGT:
             tl.store(TGT + rows, tgt, mask=rmask)
@@ -394,3 +407,87 @@ def define_kernels():
         if ACCUMULATE:
             acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=cmask)
+
+    # --- "split" forward (the default; R2D2DS_CONTRASTIVE_FWD=rows selects _fwd_kernel above) ----------------
+    @triton.autotune(configs=_configs(), key=["B", "N", "D", "HAS_TEACHER", "COMPUTE_TGT", "SAMPLE", "COL_STATS"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _fwd_split_kernel(X, Y, XT, YT, IDS_R, IDS_C, CNT_R, CNT_C, TLSE_R, TLSE_C, SCALE,
+                          ROW_M, ROW_L, ROW_T, ROW_BEST, ROW_ARG, COL_M, COL_L, COL_T,
+                          B, N, D, stride_x, stride_y, alpha, seed, row_off, CHUNKS, SPLITS,
+                          HAS_TEACHER: tl.constexpr, COMPUTE_TGT: tl.constexpr, SAMPLE: tl.constexpr,
+                          COL_STATS: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (chunk c, split sp) of a CHUNKS x SPLITS grid: row blocks c, c + CHUNKS, ... over column tiles
+        # sp, sp + SPLITS, ... . Per row it keeps the online (max m, sum l) of exp(s), the target term and the
+        # Gumbel-max (value, column) over its columns and stores them as split sp's partials (ROW_* (SPLITS, B));
+        # COL_STATS (single process: the columns are the t2i rows) also merges the columns' (max, sum, target)
+        # over its row blocks into COL_* (CHUNKS, N). The launcher merges the partials (logsumexp, sums, argmax),
+        # so the grid has CHUNKS x SPLITS programs (~2 per SM) however small B / BLOCK_M is, and one pass over
+        # the logits serves both directions.
+        pid = tl.program_id(0)
+        c = pid % CHUNKS
+        sp = pid // CHUNKS
+        scale = tl.load(SCALE)
+        num_rb = tl.cdiv(B, BLOCK_M)
+        num_ct = tl.cdiv(N, BLOCK_N)
+        for rb in range(c, num_rb, CHUNKS):
+            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < B
+            rows64 = rows.to(tl.int64)
+            m_i, l_i, tgt, best, best_idx, ids_r, cnt_r, tlse_r = _fwd_row_init(IDS_R, CNT_R, TLSE_R, rows,
+                                                                                rmask, HAS_TEACHER, BLOCK_M)
+            for ct in range(sp, num_ct, SPLITS):
+                n0 = ct * BLOCK_N
+                cols = n0 + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                cols64 = cols.to(tl.int64)
+                s = _dot_tile(X, Y, rows64, cols64, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N,
+                              BLOCK_D, DOT_FP32, PREC) * scale
+                s_lse = tl.where(cmask[None, :], s, float("-inf"))  # every tile has a real column and row
+                m_new = tl.maximum(m_i, tl.max(s_lse, 1))
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_lse - m_new[:, None]), 1)
+                m_i = m_new
+                ids_c = tl.load(IDS_C + cols, mask=cmask, other=0)
+                pos = (ids_r[:, None] == ids_c[None, :]) & cmask[None, :]
+                t = s
+                if HAS_TEACHER and COMPUTE_TGT:
+                    t = _dot_tile(XT, YT, rows64, cols64, rmask, cmask, D, stride_x, stride_y, BLOCK_M,
+                                  BLOCK_N, BLOCK_D, DOT_FP32, PREC) * scale
+                if COMPUTE_TGT:
+                    q = tl.where(pos, (1.0 - alpha) / cnt_r[:, None], 0.0)
+                    if HAS_TEACHER:
+                        q += alpha * tl.exp(t - tlse_r[:, None])
+                    tgt += tl.sum(tl.where(cmask[None, :], q * s, 0.0), 1)
+                if SAMPLE:
+                    best, best_idx = _gumbel_tile(s, pos, cmask, rows64, n0, N, seed, row_off, best, best_idx,
+                                                  BLOCK_N)
+                if COL_STATS:
+                    # this program is the only writer of COL_*[c, cols]; the barrier orders its store before
+                    # its next load of the same columns (threads may own different elements of the two)
+                    col_off = c * N + cols64
+                    s_c = tl.where(rmask[:, None], s, float("-inf"))
+                    cm_old = tl.load(COL_M + col_off, mask=cmask, other=0.0)
+                    cl_old = tl.load(COL_L + col_off, mask=cmask, other=0.0)
+                    cm_new = tl.maximum(cm_old, tl.max(s_c, 0))
+                    cl_new = cl_old * tl.exp(cm_old - cm_new) + tl.sum(tl.exp(s_c - cm_new[None, :]), 0)
+                    tl.store(COL_M + col_off, cm_new, mask=cmask)
+                    tl.store(COL_L + col_off, cl_new, mask=cmask)
+                    if COMPUTE_TGT:
+                        cnt_c = tl.load(CNT_C + cols, mask=cmask, other=1.0)
+                        qc = tl.where(pos, (1.0 - alpha) / cnt_c[None, :], 0.0)
+                        if HAS_TEACHER:
+                            tlse_c = tl.load(TLSE_C + cols, mask=cmask, other=0.0)
+                            qc += alpha * tl.exp(t - tlse_c[None, :])
+                        ct_old = tl.load(COL_T + col_off, mask=cmask, other=0.0)
+                        tl.store(COL_T + col_off, ct_old + tl.sum(tl.where(rmask[:, None], qc * s, 0.0), 0),
+                                 mask=cmask)
+                    tl.debug_barrier()
+            row_out = sp * B + rows64
+            tl.store(ROW_M + row_out, m_i, mask=rmask)
+            tl.store(ROW_L + row_out, l_i, mask=rmask)
+            if COMPUTE_TGT:
+                tl.store(ROW_T + row_out, tgt, mask=rmask)
+            if SAMPLE:
+                tl.store(ROW_BEST + row_out, best, mask=rmask)
+                tl.store(ROW_ARG + row_out, best_idx, mask=rmask)

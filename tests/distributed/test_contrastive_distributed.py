@@ -23,8 +23,8 @@ SCALE = 1 / 0.07
 # machines; on a GPU machine the kernel tests cover Triton natively).
 TRITON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["reference", "torch"] + (["triton"] if TRITON_CPU else [])
-# The Triton impl's previous backward (R2D2DS_CONTRASTIVE_BWD=tiles), kept selectable until a GPU times both.
-BWD_IMPLS = IMPLS + (["triton:tiles"] if TRITON_CPU else [])
+# The Triton impl's previous path (R2D2DS_CONTRASTIVE_FWD=rows, _BWD=tiles), selectable until a GPU times both.
+BWD_IMPLS = IMPLS + (["triton:rows:tiles"] if TRITON_CPU else [])
 # (name, sizes per rank of a 2-rank run, labels?, teacher alpha)
 CASES_2 = [("diag", [24, 24], False, 0.0), ("groups-teacher", [24, 24], True, 0.4),
            ("uneven", [13, 35], True, 0.4)]
@@ -48,9 +48,9 @@ def single_process(emb, labels, alpha):
 
 def _rank_cases(rank: int, world: int, impl: str, cases: list) -> list:
     """Every case on this rank: (loss, d_image, d_text, d_scale) of its local slice."""
-    impl, _, backward = impl.partition(":")
-    if backward:
-        os.environ["R2D2DS_CONTRASTIVE_BWD"] = backward  # this rank process only
+    impl, *path = impl.split(":")
+    if path:  # this rank process only
+        os.environ["R2D2DS_CONTRASTIVE_FWD"], os.environ["R2D2DS_CONTRASTIVE_BWD"] = path
     out = []
     for emb, labels, sizes, use_labels, alpha in cases:
         off = sum(sizes[:rank])

@@ -264,20 +264,29 @@ def test_large_batch_cuda_matches_torch_path():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-BACKWARDS = ["panel", "tiles"]
+# (R2D2DS_CONTRASTIVE_FWD, R2D2DS_CONTRASTIVE_BWD): the new path, the previous one, and the two mixed.
+PATHS = [("split", "panel"), ("rows", "tiles"), ("split", "tiles"), ("rows", "panel")]
 
 
-@pytest.mark.parametrize("bwd", BACKWARDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# bf16 on the new and the previous path; the mixed pairs in fp32 only.
+PATH_CASES = [pytest.param(f, b, dt, id=f"{f}-{b}-{name}") for f, b in PATHS
+              for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+              if dt == torch.float32 or (f, b) in PATHS[:2]]
+
+
+@pytest.mark.parametrize("fwd,bwd,dtype", PATH_CASES)
 @pytest.mark.parametrize("case", [("groups", True, 0.4), ("diag", False, 0.0)], ids=["groups-teacher", "diag"])
-def test_triton_backwards_match_float64(bwd, dtype, case, monkeypatch):
-    """Both Triton backwards (R2D2DS_CONTRASTIVE_BWD) at B = 300: five column tiles of 64, and for the panel
-    backward panels of 128 rows (three panels: dy accumulates across them), against float64 on the same
-    (rounded) inputs; bf16 within the rounding bound (rounding_bounds), fp32 as the fp32 test above."""
+def test_triton_paths_match_float64(fwd, bwd, dtype, case, monkeypatch):
+    """Every Triton forward / backward pair at B = 300 against float64 on the same (rounded) inputs: five column
+    tiles of 64; the split forward on 3 chunks x 2 splits (row blocks 0 and 3 share a chunk, so the column
+    partials merge across row blocks, and the row partials across splits; one pass for both directions); the
+    panel backward on panels of 128 rows (dy accumulates across three). bf16 within the rounding bound
+    (rounding_bounds), fp32 as the fp32 test above."""
     import importlib
 
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or the Triton interpreter")
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_FWD", fwd)
     monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", bwd)
     launchers = importlib.import_module("r2d2ds.kernels.contrastive_loss.launchers")
     monkeypatch.setattr(launchers, "_PANEL_BYTES", 1)  # panels of 128 rows
@@ -294,12 +303,27 @@ def test_triton_backwards_match_float64(bwd, dtype, case, monkeypatch):
         bounds = rounding_bounds(emb, labels, alpha, teacher, 2.0**-8)
     for name, g, r, bound in zip(["loss", "d_image", "d_text", "d_scale"], got, ref, bounds):
         excess = float(((g.double().cpu() - r).abs() - bound).max())
-        assert excess <= 0, f"{bwd} {dtype} {name}: error beyond the bound by {excess:.3g}"
+        assert excess <= 0, f"{fwd}/{bwd} {dtype} {name}: error beyond the bound by {excess:.3g}"
 
 
-def test_backward_choice_is_validated(monkeypatch):
-    from r2d2ds.kernels.contrastive_loss.launchers import backward_impl
+def test_path_choice_is_validated(monkeypatch):
+    from r2d2ds.kernels.contrastive_loss.launchers import backward_impl, forward_impl
 
     monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", "fast")
     with pytest.raises(ValueError, match="R2D2DS_CONTRASTIVE_BWD"):
         backward_impl()
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_FWD", "fast")
+    with pytest.raises(ValueError, match="R2D2DS_CONTRASTIVE_FWD"):
+        forward_impl()
+
+
+def test_split_shape_fills_the_gpu_and_bounds_the_partials():
+    """8 GPUs x 8k local rows over N = 64k (64 row blocks of 128 on 132 SMs): the split forward launches ~264
+    programs, not 64; a single 64k batch splits both ways (partials of a few MB, not B / BM x N)."""
+    from r2d2ds.kernels.contrastive_loss.launchers import split_shape
+
+    chunks, splits = split_shape(8192, 65536, 264)
+    assert chunks * splits >= 264 and chunks <= 64
+    chunks, splits = split_shape(65536, 65536, 264)
+    assert chunks * splits >= 264 and chunks * 65536 * 12 < 2**24 and splits * 65536 * 20 < 2**25
+    assert split_shape(7, 300, 264) == (1, 3)  # never more splits than column tiles of 128

@@ -177,3 +177,16 @@ def test_triton_draws_do_not_depend_on_the_tiling(monkeypatch):
         monkeypatch.undo()
         tk.define_kernels()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_split_and_rows_forwards_draw_the_same(monkeypatch):
+    """The split forward (chunks x splits, partial maxima merged) and the previous one-program-per-row-block
+    forward draw identical negatives: the draws depend on (seed, row, column) only."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    img, txt, labels = batch(150, 32, seed=9, groups=True)
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_FWD", "split")
+    a = sample_hard_negatives(img, txt, 2.0, labels, impl="triton", seed=5)
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_FWD", "rows")
+    b = sample_hard_negatives(img, txt, 2.0, labels, impl="triton", seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -33,6 +33,7 @@ def assert_cuda_grid(grid: tuple, what: str) -> None:
 def contrastive_grids(b: int, n: int, block: int, d: int = 1024) -> dict:
     r = cl.panel_rows(b, n, 2)
     return {"fwd/sampler/dx": cl.row_grid(b, block), "dy": cl.col_grid(n, block),
+            "split fwd": cl.split_grid(*cl.split_shape(b, n, 4 * 264)),
             "grad panel": cl.panel_grid(n, r, block, block), "panel dx gemm": cl.gemm_grid(r, d, block, block),
             "panel dy gemm": cl.gemm_grid(n, d, block, block)}
 
@@ -90,7 +91,7 @@ def _spy(monkeypatch, module, names):
 def test_every_launcher_takes_its_grid_from_the_grid_functions(monkeypatch):
     """Run each launcher once at a tiny size with the grid functions spied on: every kernel's grid is one the
     limit tests above check (a launcher computing its own grid would leave its function uncalled)."""
-    cl_calls = _spy(monkeypatch, cl, ["row_grid", "col_grid", "panel_grid", "gemm_grid"])
+    cl_calls = _spy(monkeypatch, cl, ["row_grid", "col_grid", "panel_grid", "gemm_grid", "split_grid"])
     ca_calls = _spy(monkeypatch, ca, ["fwd_grid", "dkdv_grid", "fused_bwd_grid"])
     gen = torch.Generator().manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,12 +99,14 @@ def test_every_launcher_takes_its_grid_from_the_grid_functions(monkeypatch):
             for _ in range(2))
     from r2d2ds.kernels import contrastive_loss, sample_hard_negatives
 
-    contrastive_loss(x, y, 10.0, impl="triton").backward()  # the panel backward (default)
-    assert cl_calls["panel_grid"] == 1 and cl_calls["gemm_grid"] == 2, cl_calls
+    contrastive_loss(x, y, 10.0, impl="triton").backward()  # split forward (both directions), panel backward
+    sample_hard_negatives(x.detach(), y.detach(), 10.0, impl="triton", seed=0)
+    assert cl_calls["split_grid"] == 3 and cl_calls["panel_grid"] == 1 and cl_calls["gemm_grid"] == 2, cl_calls
+    monkeypatch.setenv("R2D2DS_CONTRASTIVE_FWD", "rows")  # the previous kernels
     monkeypatch.setenv("R2D2DS_CONTRASTIVE_BWD", "tiles")
     contrastive_loss(x, y, 10.0, impl="triton").backward()
     sample_hard_negatives(x.detach(), y.detach(), 10.0, impl="triton", seed=0)
-    assert cl_calls["row_grid"] >= 3 and cl_calls["col_grid"] >= 1, cl_calls
+    assert cl_calls["row_grid"] == 5 and cl_calls["col_grid"] == 1, cl_calls
     q = torch.randn(2, 2, 9, 16, generator=gen).to(dev).requires_grad_()
     k, v = (torch.randn(2, 2, 12, 16, generator=gen).to(dev).requires_grad_() for _ in range(2))
     ca.cross_attention(q, k, v, impl="triton").sum().backward()  # fused backward
@@ -131,6 +134,7 @@ def _kernels_with_tiles():
     return [("contrastive fwd", ck_mod._fwd_kernel, cl_cfg), ("contrastive bwd dx", ck_mod._bwd_dx_kernel, cl_cfg),
             ("contrastive bwd dy", ck_mod._bwd_dy_kernel, cl_cfg),
             ("contrastive grad panel", ck_mod._grad_panel_kernel, cl_cfg),
+            ("contrastive split fwd", ck_mod._fwd_split_kernel, cl_cfg),
             ("contrastive panel gemm", ck_mod._panel_matmul_kernel,
              _full_configs(ck_mod._GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))),
             ("cross_attention fwd", ck.fwd, _full_configs(ca._FWD_TILES, pairs)),
@@ -142,10 +146,10 @@ def _kernels_with_tiles():
 SIZES = (1, 7, 33, 64, 300, 4097, 70_000)
 # The kernels' integer (size) arguments; the others are tensors or floats, which no prune reads as a size.
 INT_ARGS = {"B", "N", "D", "H", "Lq", "Lk", "M", "K", "stride_x", "stride_y", "stride_am", "stride_ak", "stride_bk",
-            "stride_bn", "seed", "row_off", "row0", "BLOCK_D", "BLOCK_M"}
+            "stride_bn", "seed", "row_off", "row0", "CHUNKS", "SPLITS", "BLOCK_D", "BLOCK_M"}
 
 
-@pytest.mark.parametrize("idx", range(9))
+@pytest.mark.parametrize("idx", range(10))
 def test_autotune_key_holds_every_size_the_prune_reads(idx):
     name, kernel, configs = _kernels_with_tiles()[idx]
     assert kernel.early_config_prune is not None, name
