@@ -88,8 +88,9 @@ def _providers(q, k, v, mask, scale):
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
     ours = lambda q, k, v: cross_attention(q, k, v, key_mask=mask, scale=scale, impl="triton")
     provs = {"triton": ours}
-    if _ca_module()._fused_bwd_fits(q.shape[2], q.shape[3]):
-        # Same kernels with the backward forced onto the split dK/dV + dQ pair: measures the fused backward.
+    if _ca_module()._bwd_path(q.shape[2], k.shape[2], q.shape[3]) != "split":
+        # Same kernels with the backward forced onto the split dK/dV + dQ pair: measures the fused backward
+        # (over all queries, or over all keys for the image-query direction).
         provs["triton_split_bwd"] = ours
     provs.update({
         # Plain SDPA with its own backend choice: PyTorch's fastest route (these cases have no empty rows).

@@ -37,12 +37,14 @@ Contrastive loss, diagonal ids, no teacher (credited 8 B N D FLOPs per forward +
       (10 rounds x 6 INT32 ops per call): one call per logit before, one per 4 logits after (all outputs used)
 Cross-attention (R2D2's ITM shapes, bf16, BH = batch x heads, Lq / Lk, Dh):
   fwd                  FLOPs 4 BH Lq Lk Dh; exp BH Lq Lk;  bytes BH (2 Lq + 2 Lk) Dh e + BH Lq 4 (LSE)
-  bwd fused (Lq <= 128 and BM Dh <= 8192)  FLOPs 10 BH Lq Lk Dh (5 products); exp BH Lq Lk;
+  bwd fused (all queries, Lq <= 128, or after issue 13 all keys, Lk <= 128; block x Dh <= 8192)
+                       FLOPs 10 BH Lq Lk Dh (5 products); exp BH Lq Lk;
       bytes BH (3 Lq + 4 Lk) Dh e (read q dO o k v, write dq dk dv)
   bwd split            FLOPs 14 BH Lq Lk Dh (7 products: the logits and dP recomputed in both kernels);
       exp 2 BH Lq Lk; bytes BH (4 Lq + 4 Lk) Dh e + BH Lq 8 + the dK/dV kernel's rereads of q and dO per key
       block: BH ceil(Lk / BN) 2 Lq Dh e
   layout copies        q, k, v (and dO) made contiguous from (B, L, H, Dh) views: read + write each, 2 x size
+                       (not removed yet: the kernels still take contiguous (B, H, L, Dh))
 
     python benchmarks/roofline.py                              # prints the table
     python benchmarks/roofline.py --out benchmarks/results/roofline --ceilings OUT/ceilings.json
@@ -152,8 +154,15 @@ def loss_paths(b: int, d: int, sms: int, e: int = 2) -> dict[str, list[Kernel]]:
                                                    loss_fwd(n, b, d, e, sms, sample=True)]}
 
 
-def attention_paths(bh: int, lq: int, lk: int, dh: int, e: int = 2, copies: bool = True) -> dict[str, list]:
-    fused = lq <= 128 and max(16, 1 << (lq - 1).bit_length()) * max(16, 1 << (dh - 1).bit_length()) <= 8192
+def _fits(length: int, dh: int) -> bool:
+    block = max(16, 1 << (length - 1).bit_length())
+    return block <= 128 and block * max(16, 1 << (dh - 1).bit_length()) <= 8192
+
+
+def attention_paths(bh: int, lq: int, lk: int, dh: int, e: int = 2, copies: bool = True,
+                    key_fused: bool = True) -> dict[str, list]:
+    """Forward and backward kernels at one shape; key_fused: the key-fused backward exists (after issue 13)."""
+    fused = _fits(lq, dh) or (key_fused and _fits(lk, dh))
     fwd = Kernel("fwd", 4 * bh * lq * lk * dh, bh * (2 * lq + 2 * lk) * dh * e + bh * lq * 4,
                  bh * math.ceil(lq / 64), exp=bh * lq * lk)
     if fused:
@@ -185,12 +194,13 @@ def table(ceilings: dict | None = None) -> dict:
                 rows.append(row)
     for name, (batch, lq, lk) in {"text-query (ITM)": (3 * 512, 64, 257),
                                   "image-query (ITM)": (3 * 512, 257, 64)}.items():
-        for path in ("fwd", "bwd"):
-            kernels = attention_paths(batch * 12, lq, lk, 64)[path]
-            rows.append({"op": "cross_attention", "path": f"{name} {path}", "B": batch, "D": 64,
-                         "tflop": sum(k.flops for k in kernels) / 1e12,
-                         "gb": sum(k.bytes for k in kernels) / 1e9, "ms": sum(k.ms(c) for k in kernels),
-                         "kernels": {k.name: round(k.ms(c), 3) for k in kernels}})
+        for when, key_fused in (("before", False), ("after", True)):
+            for path in ("fwd", "bwd"):
+                kernels = attention_paths(batch * 12, lq, lk, 64, key_fused=key_fused)[path]
+                rows.append({"op": "cross_attention", "path": f"{name} {path} {when}", "B": batch, "D": 64,
+                             "tflop": sum(k.flops for k in kernels) / 1e12,
+                             "gb": sum(k.bytes for k in kernels) / 1e9, "ms": sum(k.ms(c) for k in kernels),
+                             "kernels": {k.name: round(k.ms(c), 3) for k in kernels}})
     return {"ceilings": c, "target_ms": TARGET_MS, "rows": rows}
 
 

@@ -10,7 +10,8 @@ impl:
   "torch"      F.scaled_dot_product_attention with the contract's mask handling; the CPU default.
   "triton"     fused FlashAttention-2 style kernels (forward: online softmax, per-row LSE saved; backward:
                tiles recomputed from the LSE, one fused kernel when all query rows fit one program, as
-               R2D2's 64 text tokens do); CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1).
+               R2D2's 64 text tokens do, or else all keys, as over those 64 tokens, otherwise a dK/dV + dQ
+               pair); CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1).
   "auto"       "triton" on CUDA for fp32 / bf16 / fp16 and Dh <= 256 when triton is importable, else "torch".
 The triton path is autotuned on CUDA; R2D2DS_AUTOTUNE=0 keeps one config per kernel (quick runs, tests).
 """
@@ -102,6 +103,9 @@ _DQ_TILES = [  # per query block, looping over key blocks
 _FUSED_BWD_TILES = [  # (BLOCK_N, warps, stages): BLOCK_M is fixed to cover every query row
     (32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3),
 ]
+_FUSED_KEYS_BWD_TILES = [  # (BLOCK_M, warps, stages): BLOCK_N is fixed to cover every key
+    (32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3),
+]
 # Short lists on purpose: every config is a compile per (dtype, head dim, mask) variant, and the GPU check has
 # minutes, not hours. The pruner drops the ones the lengths or the shared memory rule out.
 
@@ -150,8 +154,8 @@ def _pruner(smem_tiles):
         limit = _max_shared_mem(args["Q"].device)
         m_cap = max(16, triton.next_power_of_2(lq))
         n_cap = max(16, triton.next_power_of_2(lk))
-        # BLOCK_M is a launch argument, not a config entry, for the fused backward.
-        size = lambda c: (c.kwargs.get("BLOCK_M", args.get("BLOCK_M")), c.kwargs["BLOCK_N"])
+        # BLOCK_M (BLOCK_N) is a launch argument, not a config entry, for the query- (key-) fused backward.
+        size = lambda c: (c.kwargs.get("BLOCK_M", args.get("BLOCK_M")), c.kwargs.get("BLOCK_N", args.get("BLOCK_N")))
         kept = [
             c for c in configs
             if size(c)[0] <= m_cap and size(c)[1] <= n_cap
@@ -178,7 +182,7 @@ def _pruner(smem_tiles):
 def _triton_kernels() -> SimpleNamespace:
     """Defines the kernels on first use, so importing this module never imports triton (the torch path works
     without it) and TRITON_INTERPRET is read when the triton impl is first called."""
-    global triton, tl, _head_bases, _key_tile, _query_tile
+    global triton, tl, _head_bases, _key_tile, _query_tile, _query_block, _p_and_ds
     import triton
     import triton.language as tl
 
@@ -220,6 +224,25 @@ def _triton_kernels() -> SimpleNamespace:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         return q, do, q_off, q_in
+
+    @triton.jit
+    def _query_block(Q, DOut, Out, Lse, q_base, row_base, offs_m, row_in, offs_d,
+                     HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
+        # A fused backward's query block: q, dO tiles, delta = rowsum(dO * O) (fp32) and the LSE (+inf past Lq,
+        # so P = 0 there).
+        q, do, q_off, q_in = _query_tile(Q, DOut, q_base, offs_m, row_in, offs_d, HEAD_DIM, DOT_FP32)
+        o = tl.load(Out + q_off, mask=q_in, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+        lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
+        return q, do, q_off, q_in, delta, lse
+
+    @triton.jit
+    def _p_and_ds(q, do, k, v, key_ok, lse, delta, qk_scale, INPUT_PRECISION: tl.constexpr):
+        # P = exp2(s2 - LSE2) (0 on masked keys) and dS = P (dP - delta), dP = dO V^T: (BLOCK_M, BLOCK_N) fp32.
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        return p, p * (dp - delta[:, None])
 
     @triton.autotune(
         configs=_configs(_FWD_TILES), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
@@ -380,21 +403,16 @@ def _triton_kernels() -> SimpleNamespace:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_in = offs_m < Lq
-        q, do, q_off, q_in = _query_tile(Q, DOut, q_base, offs_m, row_in, offs_d, HEAD_DIM, DOT_FP32)
-        o = tl.load(Out + q_off, mask=q_in, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,) rowsum(dO * O)
-        lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
+        q, do, q_off, q_in, delta, lse = _query_block(Q, DOut, Out, Lse, q_base, row_base, offs_m, row_in, offs_d,
+                                                      HEAD_DIM, DOT_FP32)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k, v, key_ok, kv_off, kv_in = _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
                                                     HEAD_DIM, HAS_MASK, DOT_FP32)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+            p, ds = _p_and_ds(q, do, k, v, key_ok, lse, delta, qk_scale, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
             tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_in)
@@ -402,10 +420,47 @@ def _triton_kernels() -> SimpleNamespace:
 
         tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
 
+    @triton.autotune(
+        configs=_configs(_FUSED_KEYS_BWD_TILES, names=("BLOCK_M",)),
+        key=["Lq", "Lk", "BLOCK_D", "BLOCK_N", "HAS_MASK"],
+        prune_configs_by={"early_config_prune": _pruner(lambda m, n, st: 4 * n + 2 * m * st)},
+    )
+    @triton.jit(do_not_specialize=["Lq", "Lk"])
+    def _cross_attention_bwd_fused_keys_kernel(
+        Q, K, V, KeyMask, Out, DOut, Lse, DQ, DK, DV, sm_scale, qk_scale, H, Lq, Lk,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Short keys (Lk <= BLOCK_N <= 128, e.g. R2D2's image queries over 64 text tokens): the mirror of the
+        # query-fused kernel. One program per (batch, head) holds every key: dK / dV accumulate in registers
+        # over the query blocks, and each query block's dQ is complete (all keys are here), so it is stored at
+        # once; delta = rowsum(dO O) per block in-kernel. 5 products per tile, one launch, no atomics.
+        pid_bh = tl.program_id(0)
+        b, q_base, kv_base, row_base = _head_bases(pid_bh, H, Lq, Lk, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k, v, key_ok, kv_off, kv_in = _key_tile(K, V, KeyMask, b, kv_base, offs_n, offs_d, Lk,
+                                                HEAD_DIM, HAS_MASK, DOT_FP32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_in = offs_m < Lq
+            q, do, q_off, q_in, delta, lse = _query_block(Q, DOut, Out, Lse, q_base, row_base, offs_m, row_in,
+                                                          offs_d, HEAD_DIM, DOT_FP32)
+            p, ds = _p_and_ds(q, do, k, v, key_ok, lse, delta, qk_scale, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_D), complete
+            tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in)
+
+        tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_in)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_in)
+
     return SimpleNamespace(
         fwd=_cross_attention_fwd_kernel, preprocess=_cross_attention_bwd_preprocess,
         dkdv=_cross_attention_bwd_dkdv_kernel, dq=_cross_attention_bwd_dq_kernel,
-        fused_bwd=_cross_attention_bwd_fused_kernel,
+        fused_bwd=_cross_attention_bwd_fused_kernel, fused_keys_bwd=_cross_attention_bwd_fused_keys_kernel,
     )
 
 
@@ -475,10 +530,18 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())  # tl.dot tiles: powers of two, at least 16
 
 
-def _fused_bwd_fits(lq: int, head_dim: int) -> bool:
-    """Whether the backward runs as one fused kernel (all query rows in one program) or the split pair."""
-    block_m = _pow2_at_least_16(lq)
-    return block_m <= 128 and block_m * _pow2_at_least_16(head_dim) <= _FUSED_BWD_MAX_TILE
+def _fused_bwd_fits(length: int, head_dim: int) -> bool:
+    """Whether all `length` query (or key) rows of a (batch, head) fit one program's registers."""
+    block = _pow2_at_least_16(length)
+    return block <= 128 and block * _pow2_at_least_16(head_dim) <= _FUSED_BWD_MAX_TILE
+
+
+def _bwd_path(lq: int, lk: int, head_dim: int) -> str:
+    """The backward kernel(s): "fused_queries" (all query rows in one program: R2D2's text queries), else
+    "fused_keys" (all keys in one program: the image queries over 64 text tokens), else the "split" trio."""
+    if _fused_bwd_fits(lq, head_dim):
+        return "fused_queries"
+    return "fused_keys" if _fused_bwd_fits(lk, head_dim) else "split"
 
 
 def _cross_attention_fwd(
@@ -510,8 +573,8 @@ def _cross_attention_bwd(
     key_mask: torch.Tensor | None, scale: float,
     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward (FlashAttention-2): for short queries one fused kernel per (batch, head); otherwise the delta
-    pre-pass, then dK/dV per key block and dQ per query block."""
+    """Backward (FlashAttention-2): for short queries (or short keys) one fused kernel per (batch, head);
+    otherwise the delta pre-pass, then dK/dV per key block and dQ per query block."""
     block_d = _check_launch(q, k, v, key_mask)
     B, H, Lq, Dh = q.shape
     Lk = k.shape[2]
@@ -528,10 +591,17 @@ def _cross_attention_bwd(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     mask_arg = key_mask.view(torch.uint8) if key_mask is not None else q
-    if _fused_bwd_fits(Lq, Dh):  # every query row fits one program: single fused kernel
+    path = _bwd_path(Lq, Lk, Dh)
+    if path == "fused_queries":  # every query row fits one program: single fused kernel
         kern.fused_bwd[fused_bwd_grid(B, H)](
             q, k, v, mask_arg, out, do, lse, dq, dk, dv, scale, scale * _LOG2E, H, Lq, Lk,
             BLOCK_M=_pow2_at_least_16(Lq), **common,
+        )
+        return dq, dk, dv
+    if path == "fused_keys":  # every key fits one program: single fused kernel over the query blocks
+        kern.fused_keys_bwd[fused_bwd_grid(B, H)](
+            q, k, v, mask_arg, out, do, lse, dq, dk, dv, scale, scale * _LOG2E, H, Lq, Lk,
+            BLOCK_N=_pow2_at_least_16(Lk), **common,
         )
         return dq, dk, dv
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # (B, H, Lq)

@@ -130,30 +130,38 @@ def _assert_close_as_torch(got, torch_got, ref, bounds, what):
                              f"rounding bound by {excess:.3g}")
 
 
-BWD_PATHS = ["fused_bwd", "split_bwd"]
+BWD_PATHS = ["fused_bwd", "fused_keys_bwd", "split_bwd"]
 
 
 @pytest.fixture(params=BWD_PATHS)
 def bwd_path(request, monkeypatch):
-    """Both backward paths: the fused one (all query rows in one program) and the split dK/dV + dQ pair."""
+    """The three backward paths: fused over all query rows, fused over all keys, the split dK/dV + dQ pair."""
     if request.param == "split_bwd":
         monkeypatch.setattr(ca_module, "_FUSED_BWD_MAX_TILE", 0)
+    if request.param == "fused_keys_bwd":
+        monkeypatch.setattr(ca_module, "_bwd_path", lambda lq, lk, dh: "fused_keys")
     return request.param
+
+
+def _path_fits(path: str, shape) -> bool:
+    _, _, lq, lk, dh = shape
+    fits_q, fits_k = ca_module._fused_bwd_fits(lq, dh), ca_module._fused_bwd_fits(lk, dh)
+    return {"fused_bwd": fits_q, "fused_keys_bwd": fits_k, "split_bwd": True}[path]
 
 
 def _triton_cases():
     """(shape, dtype, bwd_path) for every shape, dtype and backward path, less the cases that repeat others."""
     cases = []
     for shape in SHAPES:
-        fits = ca_module._fused_bwd_fits(shape[2], shape[4])
+        default = "fused_bwd" if _path_fits("fused_bwd", shape) else (
+            "fused_keys_bwd" if _path_fits("fused_keys_bwd", shape) else "split_bwd")
         for dtype in DTYPES:
             for path in BWD_PATHS:
-                if path == "fused_bwd" and not fits:
-                    continue  # too many query rows for the fused kernel: it would run the split backward again
-                if path == "split_bwd" and ON_CUDA and dtype != torch.bfloat16 and fits:
-                    # Every variant is a compile on CUDA: the forced split path is checked at bf16 there (all
-                    # dtypes run it where the fused kernel does not fit, and every tile runs it in
-                    # test_every_tile_shape_is_correct).
+                if not _path_fits(path, shape):
+                    continue  # that fused kernel cannot hold this shape: it would run another path again
+                if path != default and ON_CUDA and dtype != torch.bfloat16:
+                    # Every variant is a compile on CUDA: paths forced off the default are checked at bf16 there
+                    # (every tile runs each path in test_every_tile_shape_is_correct).
                     continue
                 case_id = f"{path}-{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}"
                 cases.append(pytest.param(shape, dtype, path, id=case_id))
@@ -282,7 +290,9 @@ def test_bad_arguments_are_refused():
 _SPLIT_LISTS = ca_module._FWD_TILES + ca_module._DKDV_TILES + ca_module._DQ_TILES
 SPLIT_TILES = sorted({(m, n) for m, n, _, _ in _SPLIT_LISTS} | {(16, 16)})
 FUSED_TILES = sorted({(64, n) for n, _, _ in ca_module._FUSED_BWD_TILES} | {(16, 16)})
-TILE_CASES = [("split_bwd", t) for t in SPLIT_TILES] + [("fused_bwd", t) for t in FUSED_TILES]
+FUSED_KEY_TILES = sorted({(m, 64) for m, _, _ in ca_module._FUSED_KEYS_BWD_TILES} | {(16, 16)})
+TILE_CASES = ([("split_bwd", t) for t in SPLIT_TILES] + [("fused_bwd", t) for t in FUSED_TILES]
+              + [("fused_keys_bwd", t) for t in FUSED_KEY_TILES])
 # On CUDA the tensor-core path is the one worth checking per tile; the interpreter is exact either way.
 TILE_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 
@@ -305,7 +315,11 @@ def test_every_tile_shape_is_correct(path, tile, monkeypatch):
     )
     ca_module._triton_kernels.cache_clear()
     try:
-        q, k, v, do, mask = _inputs((2, 2, 40, 150, 32), TILE_DTYPE, "holes_and_empty", seed=7)
+        # 40 queries over 150 keys (the query-fused kernel's case); 150 queries over 40 keys for the key-fused one
+        shape = (2, 2, 150, 40, 32) if path == "fused_keys_bwd" else (2, 2, 40, 150, 32)
+        assert ca_module._bwd_path(shape[2], shape[3], shape[4]) == {
+            "fused_keys_bwd": "fused_keys", "fused_bwd": "fused_queries", "split_bwd": "split"}[path]
+        q, k, v, do, mask = _inputs(shape, TILE_DTYPE, "holes_and_empty", seed=7)
         got = _run("triton", q, k, v, do, mask)
     finally:
         ca_module._triton_kernels.cache_clear()  # the next test rebuilds with the real configs

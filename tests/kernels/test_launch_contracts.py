@@ -111,9 +111,12 @@ def test_every_launcher_takes_its_grid_from_the_grid_functions(monkeypatch):
     k, v = (torch.randn(2, 2, 12, 16, generator=gen).to(dev).requires_grad_() for _ in range(2))
     ca.cross_attention(q, k, v, impl="triton").sum().backward()  # fused backward
     assert ca_calls["fwd_grid"] == 1 and ca_calls["fused_bwd_grid"] == 1, ca_calls
+    q_long = torch.randn(2, 2, 150, 16, generator=gen).to(dev).requires_grad_()
+    ca.cross_attention(q_long, k, v, impl="triton").sum().backward()  # key-fused backward
+    assert ca_calls["fwd_grid"] == 2 and ca_calls["fused_bwd_grid"] == 2, ca_calls
     monkeypatch.setattr(ca, "_FUSED_BWD_MAX_TILE", 0)
     ca.cross_attention(q, k, v, impl="triton").sum().backward()  # split backward: preprocess, dk/dv, dq
-    assert ca_calls["fwd_grid"] == 4 and ca_calls["dkdv_grid"] == 1, ca_calls
+    assert ca_calls["fwd_grid"] == 5 and ca_calls["dkdv_grid"] == 1, ca_calls
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,16 +143,18 @@ def _kernels_with_tiles():
             ("cross_attention fwd", ck.fwd, _full_configs(ca._FWD_TILES, pairs)),
             ("cross_attention dkdv", ck.dkdv, _full_configs(ca._DKDV_TILES, pairs)),
             ("cross_attention dq", ck.dq, _full_configs(ca._DQ_TILES, pairs)),
-            ("cross_attention fused bwd", ck.fused_bwd, _full_configs(ca._FUSED_BWD_TILES, ("BLOCK_N",)))]
+            ("cross_attention fused bwd", ck.fused_bwd, _full_configs(ca._FUSED_BWD_TILES, ("BLOCK_N",))),
+            ("cross_attention fused keys bwd", ck.fused_keys_bwd,
+             _full_configs(ca._FUSED_KEYS_BWD_TILES, ("BLOCK_M",)))]
 
 
 SIZES = (1, 7, 33, 64, 300, 4097, 70_000)
 # The kernels' integer (size) arguments; the others are tensors or floats, which no prune reads as a size.
 INT_ARGS = {"B", "N", "D", "H", "Lq", "Lk", "M", "K", "stride_x", "stride_y", "stride_am", "stride_ak", "stride_bk",
-            "stride_bn", "seed", "row_off", "row0", "CHUNKS", "SPLITS", "BLOCK_D", "BLOCK_M"}
+            "stride_bn", "seed", "row_off", "row0", "CHUNKS", "SPLITS", "BLOCK_D", "BLOCK_M", "BLOCK_N"}
 
 
-@pytest.mark.parametrize("idx", range(10))
+@pytest.mark.parametrize("idx", range(11))
 def test_autotune_key_holds_every_size_the_prune_reads(idx):
     name, kernel, configs = _kernels_with_tiles()[idx]
     assert kernel.early_config_prune is not None, name
