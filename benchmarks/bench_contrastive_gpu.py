@@ -18,8 +18,9 @@ in both directions (B x B in bf16, softmax in fp32: OOMs at large B, recorded as
 inf_cl.cal_inf_loss(img, txt) + cal_inf_loss(txt, img) (skipped with the reason when inf-cl is not
 importable); "ours-full" = ours with everything R2D2 adds (multi-positive ids, TgD teacher targets at alpha 0.4,
 hard negatives from the same pass), still credited 8 B^2 D so its time shows the price of the extras;
-"ours-tiles" = ours with the previous backward (R2D2DS_CONTRASTIVE_BWD=tiles: per-tile fp32 read-modify-write),
-side by side with "ours" (the panel backward) until one GPU run decides (predictions: benchmarks/roofline.py).
+"ours-previous" = ours on the previous kernels (R2D2DS_CONTRASTIVE_FWD=rows: a forward pass per direction;
+R2D2DS_CONTRASTIVE_BWD=tiles: per-tile fp32 read-modify-write), side by side with "ours" (split forward + panel
+backward) until one GPU run decides (predictions: benchmarks/roofline.py).
 
     python benchmarks/bench_contrastive_gpu.py --out "$OUT"  # -> $OUT/contrastive_gpu.json
 """
@@ -68,20 +69,21 @@ def make_methods():
                                       seed=0)
         return loss
 
-    def ours_tiles(i, t, s):
-        """Ours with the previous backward (R2D2DS_CONTRASTIVE_BWD=tiles, read at the forward): old vs new."""
-        old = os.environ.get("R2D2DS_CONTRASTIVE_BWD")
-        os.environ["R2D2DS_CONTRASTIVE_BWD"] = "tiles"
+    def ours_previous(i, t, s):
+        """Ours on the previous kernels (R2D2DS_CONTRASTIVE_FWD=rows, _BWD=tiles; read at the forward)."""
+        saved = {k: os.environ.get(k) for k in ("R2D2DS_CONTRASTIVE_FWD", "R2D2DS_CONTRASTIVE_BWD")}
+        os.environ.update(R2D2DS_CONTRASTIVE_FWD="rows", R2D2DS_CONTRASTIVE_BWD="tiles")
         try:
             return contrastive_loss(i, t, s, impl="triton")
         finally:
-            if old is None:
-                del os.environ["R2D2DS_CONTRASTIVE_BWD"]
-            else:
-                os.environ["R2D2DS_CONTRASTIVE_BWD"] = old
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
 
     methods = {"ours": lambda i, t, s: contrastive_loss(i, t, s, impl="triton"), "naive": naive_loss,
-               "ours-full": ours_full, "ours-tiles": ours_tiles}
+               "ours-full": ours_full, "ours-previous": ours_previous}
     try:
         from inf_cl import cal_inf_loss
 
@@ -165,7 +167,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536, 262144])
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768])
-    p.add_argument("--methods", nargs="+", default=["ours", "ours-tiles", "naive", "infcl", "ours-full"])
+    p.add_argument("--methods", nargs="+", default=["ours", "ours-previous", "naive", "infcl", "ours-full"])
     p.add_argument("--budget-s", type=float, default=240.0, help="skip cases past this wall time")
     args = p.parse_args()
     assert torch.cuda.is_available(), "bench_contrastive_gpu.py needs a CUDA device"
