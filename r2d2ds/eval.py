@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from r2d2ds.config import EvalConfig
-from r2d2ds.distributed import all_gather_variable, get_rank, get_world_size, is_main_process
+from r2d2ds.distributed import all_gather_variable, all_reduce_max, get_rank, get_world_size, is_main_process
 from r2d2ds.fileio import atomic_write_text
 
 RECALL_KS = (1, 5, 10)
@@ -136,9 +136,7 @@ def _lockstep_batches(n: int, batch_size: int, group=None) -> int:
     mine = math.ceil(n / batch_size)
     if get_world_size(group) == 1:
         return mine
-    t = torch.tensor([mine], dtype=torch.long, device=_comm_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())  # host sync: the loop length below depends on it
+    return int(all_reduce_max(torch.tensor([mine]), group).item())  # host sync: the loop length depends on it
 
 
 def itm_scorer(model: nn.Module, img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, batch_size: int,
@@ -213,14 +211,6 @@ def shard(n: int, world: int, rank: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-def _comm_device(group=None) -> torch.device:
-    backend = dist.get_backend(group) if get_world_size(group) > 1 else "gloo"
-    # NCCL moves only CUDA tensors; gloo only CPU ones.
-    if "nccl" in str(backend):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -237,12 +227,11 @@ def _encode_all(encode: Callable[[Tensor], tuple[Tensor, Tensor]], n: int, batch
     n_mine = mine.stop - mine.start
     num_batches = math.ceil(max(s.stop - s.start for s in slices) / batch_size)  # same on every rank
     tokens = emb = None
-    comm = _comm_device(group)
     for b, (idx, valid) in enumerate(_padded_batches(n_mine, batch_size, num_batches, torch.device("cpu"))):
         # An empty slice (n < world) encodes row 0 and keeps nothing: it still joins the forward (ZeRO-3).
         tok_b, emb_b = encode(idx + mine.start if n_mine else torch.zeros_like(idx))
-        tok_all = all_gather_variable(tok_b[:valid].to(comm), group)  # rank-major rows of batch b
-        emb_all = all_gather_variable(emb_b[:valid].to(comm), group)
+        tok_all = all_gather_variable(tok_b[:valid], group)  # rank-major rows of batch b
+        emb_all = all_gather_variable(emb_b[:valid], group)
         if tokens is None:
             tokens = tok_b.new_empty((n, *tok_b.shape[1:]), device=device)
             emb = emb_b.new_empty((n, *emb_b.shape[1:]), device=device)
@@ -288,13 +277,11 @@ def evaluate(model: nn.Module, split: Any, eval_cfg: EvalConfig, device: torch.d
             t2i, i2t = rerank(sim, eval_cfg.topk, scorer, text_rows=text_rows, image_rows=image_rows)
             gt = text_to_image.to(device)
             img_ids = torch.arange(n_img, device=device)[image_rows]
-            comm = _comm_device(group)
             pos = {}
             for stage, field in (("two_tower", "pre_order"), ("two_stage", "order")):
                 t2i_pos = hit_positions_t2i(getattr(t2i, field), gt[text_rows])
                 i2t_pos = hit_positions_i2t(getattr(i2t, field), img_ids, gt)
-                pos[stage] = (all_gather_variable(t2i_pos.to(comm), group).cpu(),
-                              all_gather_variable(i2t_pos.to(comm), group).cpu())
+                pos[stage] = (all_gather_variable(t2i_pos, group).cpu(), all_gather_variable(i2t_pos, group).cpu())
     finally:
         model.train(was_training)
     out: dict[str, Any] = {stage: recalls(*p) for stage, p in pos.items()}
