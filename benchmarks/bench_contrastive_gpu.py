@@ -171,7 +171,7 @@ def run_case(name, fn, b, d, device, dtype) -> dict:
         emb_bytes = 2 * b * d * 2
         row.update(ms=ms, timing=how, tflops=flops(b, d) / (ms * 1e-3) / 1e12, loss_mem_gib=peak / 2**30,
                    loss_mem_over_embeddings=peak / emb_bytes)
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError only from torch 2.5
         row.update(skipped=f"OOM: {str(e).splitlines()[0][:160]}")
     except Exception as e:  # record and continue: one failing method must not lose the others' numbers
         row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")

@@ -23,7 +23,15 @@ done
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 rm -rf "$W" && mkdir -p "$W"
-python -m pip wheel -q --no-deps --no-build-isolation -w "$W" .
+W="$(cd "$W" && pwd)"
+# Build from a clean copy of the working tree (tracked and new files, not ignored ones): setuptools never empties
+# build/, so a file deleted from the source would otherwise still ship in the wheel.
+SRC="$(mktemp -d)"
+trap 'rm -rf "$SRC"' EXIT
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+  [[ -e "$f" ]] && printf '%s\0' "$f"
+done | tar -cf - --null -T - | tar -xf - -C "$SRC"
+python -m pip wheel -q --no-deps --no-build-isolation -w "$W" "$SRC"
 if ((REHEARSE)); then
   ls -la "$W"
   exit 0

@@ -4,6 +4,7 @@ in the interpreter, every benchmark at a tiny size, and a summary that must hold
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -64,3 +65,29 @@ def test_env_phase_fails_when_the_source_tree_shadows_the_wheel(tmp_path, shadow
     else:
         assert proc.returncode == 0 and env["import_isolation"] == "ok", proc.stderr
         assert Path(env["r2d2ds.kernels_from"]).is_relative_to(site.resolve())
+
+
+def _summarize():
+    spec = importlib.util.spec_from_file_location("summarize_gpu", ROOT / "benchmarks" / "summarize_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_keeps_the_other_phases_when_one_times_out(tmp_path):
+    """A phase killed by its budget is reported as timed out (and fails --check); what it wrote before the kill and
+    every other phase's results are still in the table."""
+    (tmp_path / "phases.tsv").write_text("env\t0\t3\t30\nkernel_tests\t0\t90\t150\ncontrastive_gpu\t124\t150\t150\n"
+                                         "cross_attention\t0\t20\t60\n")
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0",
+                                                   "import_isolation": "ok"}))
+    (tmp_path / "kernel_tests.json").write_text(json.dumps({"passed": 170, "failed": 0, "skipped": 7, "errors": 0,
+                                                            "finished": True}))
+    (tmp_path / "contrastive_gpu.json").write_text(json.dumps({"meta": {}, "finished": False, "rows": [
+        {"method": "ours", "B": 16384, "D": 512, "ms": 3.2}]}))
+    (tmp_path / "cross_attention.json").write_text(json.dumps({"finished": True, "rows": [
+        {"case": "text_query", "impl": "triton", "fwd_ms": 0.5}]}))
+    text, problems = _summarize().render(tmp_path)
+    assert problems == ["phase contrastive_gpu: timed out after 150 s (budget 150 s)"], problems
+    assert "NVIDIA H200" in text and "| 170 | 0 | 7 | 0 |" in text
+    assert "| ours | 16384 | 512 | 3.2 |" in text and "| text_query | triton | 0.5 |" in text
