@@ -65,8 +65,15 @@ if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     "carry .gpu_wheels/ along" >&2
   exit 1
 fi
-"${PY[@]}" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl \
-  >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; echo "error: installing $WHEELS failed" >&2; exit 1; }
+install_wheels() {
+  if "${PY[@]}" -m pip --version >/dev/null 2>&1; then
+    "${PY[@]}" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl
+  else  # no pip in the image: a wheel is a zip laid out for site-packages
+    for whl in "$WHEELS"/*.whl; do "${PY[@]}" -m zipfile -e "$whl" "$SITE" || return 1; done
+  fi
+}
+install_wheels >"$OUT/install.log" 2>&1 ||
+  { cat "$OUT/install.log"; echo "error: installing $WHEELS failed" >&2; exit 1; }
 export PYTHONPATH="$PATH_FRONT${PYTHONPATH:+:$PYTHONPATH}"
 
 phase() {  # phase NAME BUDGET_S COMMAND...: run COMMAND under its own time budget, log to OUT/NAME.log
