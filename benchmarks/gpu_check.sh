@@ -25,6 +25,7 @@ if [[ "${1:-}" == "--rehearse" ]]; then
 fi
 OUT="${1:-${OUT:-benchmarks/results/gpu-local}}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT/summary.md"  # a previous run's files must not pass for this run's
 : > "$OUT/phases.tsv"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONDONTWRITEBYTECODE=1
 PY=("${PYTHON:-python3}" -P)  # -P: the working directory (the source tree) is not put on sys.path

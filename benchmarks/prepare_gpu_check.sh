@@ -39,7 +39,7 @@ fi
 # Binary packages for the GPU image's Python (3.12, manylinux x86_64); pure-Python ones fit any.
 FOR_GPU=(--no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
          --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$W")
-python -m pip download -q "${FOR_GPU[@]}" pytest pluggy iniconfig pygments scipy
+python -m pip download -q "${FOR_GPU[@]}" pytest pluggy iniconfig pygments packaging scipy
 python -m pip download -q "${FOR_GPU[@]}" inf-cl braceexpand ||
   echo "warning: inf-cl has no wheel for the GPU image: its benchmark row will say so" >&2
 python -m pip wheel -q --no-deps -w "$W" deepspeed webdataset
