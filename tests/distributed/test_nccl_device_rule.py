@@ -22,7 +22,6 @@ from tests.dist_utils import run_ranks
 from tests.distributed.fake_nccl import COLLECTIVES, FakeNccl
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow  # two spawned ranks, the objective twice (torch + interpreted Triton): ~1 min
 WORLD = 2
 LOSS = dict(gcpr_weight=1.0, tgd_weight=1.0, tgd_alpha=0.4, fgr_weight=1.0, fgd_weight=1.0, mlm_weight=1.0)
 
@@ -82,16 +81,47 @@ def _checked(rank: int, world: int):
     return selftest, fake.violations, fake.sites
 
 
+@pytest.mark.parametrize("backend, device", [("nccl", "cuda:0"), ("cpu:gloo,cuda:nccl", "cuda:0"), ("gloo", "cpu"),
+                                             ("mpi", "cpu")])
+def test_comm_device_follows_the_backend(monkeypatch, backend, device):
+    from r2d2ds import distributed as rd
+
+    monkeypatch.setattr(rd, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert rd.comm_device() == torch.device(device)
+
+
+def test_comm_device_refuses_an_unknown_backend(monkeypatch):
+    from r2d2ds import distributed as rd
+
+    monkeypatch.setattr(rd, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "ucc")
+    with pytest.raises(ValueError, match="'ucc'"):
+        rd.comm_device()
+
+
+def test_single_process_helpers_copy_and_stay_on_the_callers_device():
+    from r2d2ds import distributed as rd
+
+    t = torch.ones(3)
+    out = rd.all_reduce_sum(t)
+    out += 1  # a copy: the caller's tensor is untouched
+    assert torch.equal(t, torch.ones(3)) and rd.comm_device() == torch.device("cpu")
+
+
 @pytest.fixture(scope="module")
 def ranks():
     return run_ranks(_checked, WORLD)
 
 
+@pytest.mark.slow  # two spawned ranks, the objective twice (torch + interpreted Triton): ~1 min
 def test_checker_flags_cpu_tensors(ranks):
     for selftest, _, _ in ranks:
         assert len(selftest) == 1 and selftest[0][0] == "all_reduce" and selftest[0][2] == "cpu", selftest
 
 
+@pytest.mark.slow  # two spawned ranks, the objective twice (torch + interpreted Triton): ~1 min
 def test_no_collective_is_illegal_under_nccl(ranks):
     for rank, (_, violations, _) in enumerate(ranks):
         shown = "\n".join(f"  {name} at {site} (for {origin}): a {dev} tensor"
@@ -114,6 +144,7 @@ def _static_call_sites() -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow  # two spawned ranks, the objective twice (torch + interpreted Triton): ~1 min
 def test_collectives_live_in_distributed_and_are_all_exercised(ranks):
     calls = _static_call_sites()
     outside = [site for site in calls if not site.startswith("r2d2ds/distributed/")]
