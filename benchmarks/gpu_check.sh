@@ -89,12 +89,12 @@ phase() {  # phase NAME BUDGET_S COMMAND...: run COMMAND under its own time budg
 }
 
 # One line per phase (name = the JSON it writes; budget in seconds; the budgets add up to 7 minutes).
-phase env 30 "${PY[@]}" benchmarks/gpu_env.py --site "$SITE" --out "$OUT"
+phase env 20 "${PY[@]}" benchmarks/gpu_env.py --site "$SITE" --out "$OUT"
 phase kernel_tests 150 env R2D2DS_AUTOTUNE=0 "${PY[@]}" benchmarks/run_kernel_tests.py --site "$SITE" --out "$OUT" \
   "${KERNEL_TESTS[@]}"
-phase ceilings 30 "${PY[@]}" benchmarks/gpu_ceilings.py --out "$OUT" "${SMOKE[@]}"
+phase ceilings 20 "${PY[@]}" benchmarks/gpu_ceilings.py --out "$OUT" "${SMOKE[@]}"
 phase contrastive_gpu 150 "${PY[@]}" benchmarks/bench_contrastive_gpu.py --out "$OUT" --budget-s 120 "${SMOKE[@]}"
-phase cross_attention 60 "${PY[@]}" benchmarks/bench_cross_attention.py --out "$OUT" "${SMOKE[@]}"
+phase cross_attention 80 "${PY[@]}" benchmarks/bench_cross_attention.py --out "$OUT" "${SMOKE[@]}"
 
 "${PY[@]}" benchmarks/summarize_gpu.py "$OUT" --check >"$OUT/summary.md"
 status=$?
