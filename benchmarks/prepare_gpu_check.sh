@@ -20,7 +20,11 @@ while (($#)); do
     *) echo "usage: $0 [--wheels DIR] [--rehearse]" >&2; exit 2 ;;
   esac
 done
-source "$ROOT/scripts/env.sh"
+if ((REHEARSE)); then
+  python() { "${PYTHON:-python3}" "$@"; }  # the caller's environment (CI's), which has setuptools and wheel
+else
+  source "$ROOT/scripts/env.sh"
+fi
 cd "$ROOT"
 rm -rf "$W" && mkdir -p "$W"
 W="$(cd "$W" && pwd)"
