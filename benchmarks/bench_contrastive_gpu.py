@@ -193,7 +193,7 @@ def main() -> None:
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     if args.smoke:
-        args.sizes, args.dims = [64], [64]
+        args.sizes, args.dims = [64], [128]  # D: a multiple of the head_dim Inf-CL splits into
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     t_start = time.perf_counter()
     one_rank_group()
