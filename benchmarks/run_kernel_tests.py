@@ -79,6 +79,13 @@ def main() -> int:
     ap.add_argument("--max-tests", type=int, default=None, help="run N tests spread over the collected list")
     ap.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = ap.parse_args()
+    # What tests/conftest.py and tests/kernels/conftest.py would set, needed here already: the kernels are
+    # imported (and their autotune lists built) before pytest reads any conftest.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("R2D2DS_AUTOTUNE", "0")
     import r2d2ds.kernels
 
     where = Path(r2d2ds.kernels.__file__).resolve()
