@@ -1,10 +1,11 @@
 """Every collective the trainer, eval and the losses issue is legal under NCCL (its tensors on CUDA).
 
-Two gloo ranks run the training objective (every loss term, the torch and the Triton contrastive paths, hard
-negatives), the metric logger's flush, the retrieval eval and the cross-rank helpers directly, with the backend
-reported as NCCL and CUDA simulated (tests/distributed/fake_nccl.py): a CPU tensor handed to a collective there
-is exactly what raises at the first log step of a multi-GPU run. A static scan then checks that no module issues
-a torch.distributed collective outside `r2d2ds/distributed/` and that every collective call there was exercised.
+Two gloo ranks run the training objective (every loss term, the torch and the Triton contrastive paths), the
+hard-negative sampler over both ranks, the metric logger's flush, the retrieval eval and the cross-rank helpers
+directly, with the backend reported as NCCL and CUDA simulated (tests/distributed/fake_nccl.py): a CPU tensor
+handed to a collective there is exactly what raises at the first log step of a multi-GPU run. A static scan then
+checks that no module issues a torch.distributed collective outside `r2d2ds/distributed/` and that every
+collective call there was exercised.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _objective(impl: str):
 
 def _train_log_eval(rank: int, world: int) -> None:
     """What one training step, one log step and one eval issue, plus the helpers at uneven sizes."""
+    from r2d2ds.kernels import sample_hard_negatives
+
     from r2d2ds import distributed as rd
     from r2d2ds.config import EvalConfig
     from r2d2ds.distributed import collectives as rc
@@ -55,6 +58,9 @@ def _train_log_eval(rank: int, world: int) -> None:
             out = obj(tiny_batch(b=3 + rank, seed=rank), teacher, seed=rank)  # uneven rows per rank
             out["loss"].backward()
             logger.accumulate(out, samples=3 + rank, skipped=rank)
+            # The sampler over the whole group (FGR's negatives are local today; the global exchange is next).
+            emb = torch.nn.functional.normalize(torch.randn(2, 3 + rank, 16), dim=-1)
+            sample_hard_negatives(emb[0], emb[1], 10.0, torch.arange(3 + rank) // 2, impl=impl, seed=rank)
         logger.flush(step=1, lr=1e-4)
     evaluate(tiny_model(), tiny_split(n_img=3, caps=2), EvalConfig(topk=2, batch_size=2))
 
