@@ -22,6 +22,11 @@ hard negatives from the same pass), still credited 8 B^2 D so its time shows the
 R2D2DS_CONTRASTIVE_BWD=tiles: per-tile fp32 read-modify-write), side by side with "ours" (split forward + panel
 backward) until one GPU run decides (predictions: benchmarks/roofline.py).
 
+Inf-CL all-reduces its scale gradient, so a one-rank process group (NCCL on a free loopback port) is started
+when none exists. The JSON is rewritten after every case, so a run stopped by its time budget keeps the cases it
+finished. --smoke runs tiny sizes on the CPU (Triton interpreter, wall clock) to check the script; its numbers
+mean nothing.
+
     python benchmarks/bench_contrastive_gpu.py --out "$OUT"  # -> $OUT/contrastive_gpu.json
 """
 
@@ -32,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import time
 
 import torch
@@ -99,8 +105,27 @@ def make_methods():
     return methods, infcl_reason
 
 
+def one_rank_group() -> None:
+    """Inf-CL all-reduces the scale's gradient: give it a process group of this one rank (a free loopback port)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1,
+                            init_method=f"tcp://127.0.0.1:{port}")
+
+
 def time_step(fn, long_s: float = 0.3, reps: int = 3) -> tuple[float, str]:
-    """Milliseconds per call: do_bench for short calls, CUDA events over `reps` calls for long ones."""
+    """Milliseconds per call: do_bench for short calls, CUDA events over `reps` calls for long ones; on the
+    CPU (--smoke) the wall clock of one call after a warm-up."""
+    if not torch.cuda.is_available():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3, "wall x1"
     import triton.testing
 
     torch.cuda.synchronize()
@@ -130,13 +155,20 @@ def matmul_ceiling(d: int) -> float:
     return 2 * 16384 * 16384 * d / (ms * 1e-3) / 1e12
 
 
-def run_case(name, fn, b, d) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    img = F.normalize(torch.randn(b, d, device="cuda", generator=gen), dim=1).to(torch.bfloat16)
-    txt = F.normalize(torch.randn(b, d, device="cuda", generator=gen), dim=1).to(torch.bfloat16)
+def run_case(name, fn, b, d, device, dtype) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    img = F.normalize(torch.randn(b, d, device=device, generator=gen), dim=1).to(dtype)
+    txt = F.normalize(torch.randn(b, d, device=device, generator=gen), dim=1).to(dtype)
     img.requires_grad_()
     txt.requires_grad_()
-    scale = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    if device.type == "cpu":  # --smoke: the script's plumbing only
+        try:
+            ms, how = time_step(lambda: fn(img, txt, scale).backward())
+            return {"method": name, "B": b, "D": d, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
+                    "timing": how, "tflops": flops(b, d) / (ms * 1e-3) / 1e12}
+        except Exception as e:  # noqa: BLE001
+            return {"method": name, "B": b, "D": d, "skipped": f"{type(e).__name__}: {str(e)[:200]}"}
 
     def step():
         img.grad = txt.grad = scale.grad = None
@@ -155,7 +187,7 @@ def run_case(name, fn, b, d) -> dict:
         emb_bytes = 2 * b * d * 2
         row.update(ms=ms, timing=how, tflops=flops(b, d) / (ms * 1e-3) / 1e12, loss_mem_gib=peak / 2**30,
                    loss_mem_over_embeddings=peak / emb_bytes)
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError only from torch 2.5
         row.update(skipped=f"OOM: {str(e).splitlines()[0][:160]}")
     except Exception as e:  # record and continue: one failing method must not lose the others' numbers
         row.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -169,19 +201,38 @@ def main() -> None:
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768])
     p.add_argument("--methods", nargs="+", default=["ours", "ours-previous", "naive", "infcl", "ours-full"])
     p.add_argument("--budget-s", type=float, default=240.0, help="skip cases past this wall time")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes; on the CPU in the Triton interpreter")
     args = p.parse_args()
-    assert torch.cuda.is_available(), "bench_contrastive_gpu.py needs a CUDA device"
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_contrastive_gpu.py needs a CUDA device (or --smoke)")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    if args.smoke:
+        args.sizes, args.dims = [64], [128]  # D: a multiple of the head_dim Inf-CL splits into
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     t_start = time.perf_counter()
+    one_rank_group()
     methods, infcl_reason = make_methods()
     import triton
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "gpu": torch.cuda.get_device_name() if cuda else "cpu (interpreter smoke run)", "smoke": args.smoke,
+            "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "flop_formula": "8 * B^2 * D per forward+backward (fwd 2B^2D, bwd recompute 2B^2D + 2 x 2B^2D)"}
-    ceilings = {d: matmul_ceiling(d) for d in args.dims}
+    ceilings = {d: matmul_ceiling(d) if cuda else float("nan") for d in args.dims}
     meta["bf16_matmul_tflops"] = ceilings
     rows = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "contrastive_gpu.json")
+
+    def save():  # after every case: a run stopped by its budget keeps what it measured
+        with open(path + ".tmp", "w") as f:
+            json.dump({"meta": meta, "rows": rows, "finished": False}, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    save()
     for d in args.dims:
         for b in args.sizes:
             for name in args.methods:
@@ -191,26 +242,31 @@ def main() -> None:
                 if time.perf_counter() - t_start > args.budget_s:
                     rows.append({"method": name, "B": b, "D": d, "skipped": "time budget"})
                     continue
-                if name == "naive" and 6 * b * b > torch.cuda.get_device_properties(0).total_memory:
+                if cuda and name == "naive" and 6 * b * b > torch.cuda.get_device_properties(0).total_memory:
                     # bf16 logits + fp32 copies for both directions would OOM: do not spend time finding out
                     rows.append({"method": name, "B": b, "D": d, "skipped": "OOM (estimated >= 6 B^2 bytes)"})
                     continue
-                row = run_case(name, methods[name], b, d)
-                torch.cuda.empty_cache()  # the case's tensors are gone: free their blocks
+                row = run_case(name, methods[name], b, d, device, dtype)
+                if cuda:
+                    torch.cuda.empty_cache()  # the case's tensors are gone: free their blocks
                 if "tflops" in row:
                     row["fraction_of_matmul"] = row["tflops"] / ceilings[d]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "contrastive_gpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                save()
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "finished": True}, f, indent=1)
     print(f"{'method':>6} {'B':>7} {'D':>4} {'ms':>9} {'TFLOP/s':>8} {'of mm':>6} {'mem GiB':>8}")
     for r in rows:
         if "ms" in r:
             print(f"{r['method']:>6} {r['B']:>7} {r['D']:>4} {r['ms']:>9.2f} {r['tflops']:>8.1f} "
-                  f"{r['fraction_of_matmul']:>6.2f} {r['loss_mem_gib']:>8.3f}")
+                  f"{r['fraction_of_matmul']:>6.2f} {r.get('loss_mem_gib', float('nan')):>8.3f}")
         else:
             print(f"{r['method']:>6} {r['B']:>7} {r['D']:>4}  skipped: {r['skipped']}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -232,18 +232,25 @@ def main() -> None:
             "math": torch.backends.cuda.math_sdp_enabled(),
         }
     result["cases"], result["rows"] = [], []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cross_attention.json")
+
+    def save(finished: bool) -> None:  # after every case: a run stopped by its budget keeps what it measured
+        with open(path + ".tmp", "w") as f:
+            json.dump({**result, "finished": finished}, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    save(False)
     for name, shape in cases.items():
         t0 = time.perf_counter()
         facts, rows = run_case(name, shape, dtype, device, bench, args.smoke)
         facts["wall_s"] = time.perf_counter() - t0  # includes the autotuner's first-call search
         result["cases"].append(facts)
         result["rows"].extend(rows)
+        save(False)
         print(f"{name}: done in {facts['wall_s']:.1f} s (sdpa picks {facts['sdpa_default_backend']})",
               file=sys.stderr)
-
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cross_attention.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    save(True)
     cols = ["case", "impl", "fwd_ms", "fwd_tflops", "fwd_speedup_vs_sdpa", "fwd_bwd_ms", "fwd_bwd_tflops",
             "fwd_bwd_speedup_vs_sdpa"]
     fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)

@@ -1,23 +1,102 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (DESIGN.md section 7): kernel tests natively on the GPU (bf16/fp16 included), the matmul
-# and copy ceilings, the contrastive-loss and cross-attention benchmarks. Writes JSON and logs into the output
-# folder (first argument, else $OUT) and prints a short table last. Budget: at most ~8 minutes, no network.
-# Prepare first on the CPU machine: bash benchmarks/prepare_gpu_check.sh (wheels into .gpu_wheels/).
+# The one-shot GPU check (DESIGN.md section 7): where r2d2ds imports from and the versions, the kernel tests
+# natively on the GPU (bf16/fp16 included, one autotune config), the matmul and copy ceilings, the contrastive-loss
+# and cross-attention benchmarks, then a summary table (OUT/summary.md). No network; at most ~8 minutes.
+#
+#   bash benchmarks/prepare_gpu_check.sh      # first, on the CPU machine: wheels into .gpu_wheels/
+#   bash benchmarks/gpu_check.sh OUT_DIR      # on the GPU machine, from the repository root, .gpu_wheels/ carried
+#   bash benchmarks/gpu_check.sh --rehearse OUT_DIR   # the CPU rehearsal CI runs (see below)
+#
+# The wheels go into a fresh temporary folder (pip --target) and every Python runs with -P, so the source folder
+# r2d2ds/ in the working directory (which has no kernels/ inside) never shadows the installed wheel; the env phase
+# proves it and fails otherwise. Each phase has its own time budget (timeout) and writes OUT/<phase>.json as it
+# goes, so a phase that runs out of time loses itself, not the others. To add a phase, add one `phase` line: its
+# command must write OUT/<name>.json. Exit status 0 only when every phase succeeded and the summary is complete.
+#
+# --rehearse: the same script on the CPU, as CI runs it: builds r2d2ds's wheel afresh (the environment has the
+# rest), hides deepspeed, webdataset and the editable install of r2d2ds as the GPU image lacks them, runs the kernels in the Triton interpreter,
+# a few kernel tests spread over every file and every benchmark at a tiny size (--smoke), with 3x the budgets.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${1:-${OUT:-benchmarks/results/gpu-local}}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-PY="${PYTHON:-python3}"
-
-SITE="$(mktemp -d)"
-if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .gpu_wheels/*.whl 2>&1 | tail -3
+REHEARSE=0
+if [[ "${1:-}" == "--rehearse" ]]; then
+  REHEARSE=1
+  shift
 fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${1:-${OUT:-benchmarks/results/gpu-local}}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT/summary.md"  # a previous run's files must not pass for this run's
+: > "$OUT/phases.tsv"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONDONTWRITEBYTECODE=1
+PY=("${PYTHON:-python3}" -P)  # -P: the working directory (the source tree) is not put on sys.path
+WHEELS="${R2D2DS_GPU_WHEELS:-.gpu_wheels}"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+SITE="$TMP/site"
+SMOKE=()
+KERNEL_TESTS=()
+BUDGET_SCALE=1
+PATH_FRONT="$SITE"
 
-"$PY" benchmarks/gpu_ceilings.py --out "$OUT"
-R2D2DS_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -25 | tee "$OUT/kernel_tests.log"
-timeout 180 "$PY" benchmarks/bench_contrastive_gpu.py --out "$OUT" 2>&1 | tail -40 | tee "$OUT/contrastive.log"
-timeout 90 "$PY" benchmarks/bench_cross_attention.py --out "$OUT" 2>&1 | tail -40 | tee "$OUT/cross_attention.log"
-"$PY" benchmarks/summarize_gpu.py "$OUT" | tee "$OUT/summary.md"
+if ((REHEARSE)); then
+  WHEELS="$TMP/wheels"
+  bash benchmarks/prepare_gpu_check.sh --rehearse --wheels "$WHEELS" >"$OUT/prepare.log" 2>&1 ||
+    { cat "$OUT/prepare.log"; echo "error: building the r2d2ds wheel failed" >&2; exit 1; }
+  for mod in deepspeed webdataset; do  # absent on the GPU image: the check must not need them
+    mkdir -p "$TMP/absent/$mod"
+    echo "raise ImportError('$mod is not installed on the GPU machine (gpu_check.sh --rehearse)')" \
+      >"$TMP/absent/$mod/__init__.py"
+  done
+  # The development (editable) install of r2d2ds maps the source tree, kernels/ included: the GPU image has none.
+  cat >"$TMP/absent/sitecustomize.py" <<'PYEOF'
+import sys
+
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable___r2d2ds")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable___r2d2ds")]
+PYEOF
+  PATH_FRONT="$TMP/absent:$SITE"
+  export TRITON_INTERPRET=1
+  SMOKE=(--smoke)
+  KERNEL_TESTS=(--max-tests "${R2D2DS_REHEARSE_TESTS:-6}")
+  BUDGET_SCALE=3  # a shared CI machine is slow and its timings mean nothing: only a hang should time out
+fi
+
+if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  echo "error: no wheels in $WHEELS: run 'bash benchmarks/prepare_gpu_check.sh' on a machine with network and" \
+    "carry .gpu_wheels/ along" >&2
+  exit 1
+fi
+install_wheels() {
+  if "${PY[@]}" -m pip --version >/dev/null 2>&1; then
+    "${PY[@]}" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl
+  else  # no pip in the image: a wheel is a zip laid out for site-packages
+    for whl in "$WHEELS"/*.whl; do "${PY[@]}" -m zipfile -e "$whl" "$SITE" || return 1; done
+  fi
+}
+install_wheels >"$OUT/install.log" 2>&1 ||
+  { cat "$OUT/install.log"; echo "error: installing $WHEELS failed" >&2; exit 1; }
+export PYTHONPATH="$PATH_FRONT${PYTHONPATH:+:$PYTHONPATH}"
+
+phase() {  # phase NAME BUDGET_S COMMAND...: run COMMAND under its own time budget, log to OUT/NAME.log
+  local name="$1" budget=$(($2 * BUDGET_SCALE)) t0=$SECONDS rc
+  shift 2
+  echo "== $name (budget ${budget} s)"
+  timeout -k 10 "$budget" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$budget" >>"$OUT/phases.tsv"
+  tail -n 4 "$OUT/$name.log"
+  echo "   exit $rc after $((SECONDS - t0)) s"
+}
+
+# One line per phase (name = the JSON it writes; budget in seconds; the budgets add up to 7 minutes).
+phase env 20 "${PY[@]}" benchmarks/gpu_env.py --site "$SITE" --out "$OUT"
+phase kernel_tests 150 env R2D2DS_AUTOTUNE=0 "${PY[@]}" benchmarks/run_kernel_tests.py --site "$SITE" --out "$OUT" \
+  "${KERNEL_TESTS[@]}"
+phase ceilings 20 "${PY[@]}" benchmarks/gpu_ceilings.py --out "$OUT" "${SMOKE[@]}"
+phase contrastive_gpu 150 "${PY[@]}" benchmarks/bench_contrastive_gpu.py --out "$OUT" --budget-s 120 "${SMOKE[@]}"
+phase cross_attention 80 "${PY[@]}" benchmarks/bench_cross_attention.py --out "$OUT" "${SMOKE[@]}"
+
+"${PY[@]}" benchmarks/summarize_gpu.py "$OUT" --check >"$OUT/summary.md"
+status=$?
+cat "$OUT/summary.md"
+exit $status

@@ -82,7 +82,7 @@ def sample_hard_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
     b = image_emb.shape[0]
     scale = logit_scale.detach() if torch.is_tensor(logit_scale) else torch.tensor(float(logit_scale))
     scale = scale.to(device=image_emb.device, dtype=torch.float32).reshape(())
-    sizes = gather_sizes(b, image_emb.device, group)
+    sizes = gather_sizes(b, group)
     off = row_offset(sizes, group)
     img_all = all_gather_rows(image_emb, sizes, group)
     txt_all = all_gather_rows(text_emb, sizes, group)

@@ -6,12 +6,11 @@
     txt = r.encode_text(["一只狗在草地上奔跑"])            # (1, D)
     out = r.rank(["a.jpg", "b.jpg"], ["一只狗在草地上奔跑"])  # two-stage scores and orders, as in eval
 
-`rank` runs exactly eval's re-ranking code (`r2d2ds.eval.rerank` with the model's ITM scorer).
+`rank` runs exactly eval's re-ranking code (`r2d2ds.rerank.rerank` with the model's ITM scorer).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,24 +22,10 @@ from torch import Tensor
 
 import r2d2ds  # noqa: F401  (torchvision shim before timm/transformers)
 from r2d2ds.config import Config, load_config
-from r2d2ds.eval import itm_scorer, rerank
-from r2d2ds.export import CONFIG, TEXT_CONFIG, WEIGHTS
+from r2d2ds.export import CONFIG, TEXT_CONFIG, WEIGHTS, build_model
+from r2d2ds.rerank import itm_scorer, rerank
 
 ImageInput = Sequence[Image.Image | str | Path] | Tensor
-
-
-def build_model(cfg: Config, vocab_size: int, pad_token_id: int = 0, text_config: str | Path | None = None):
-    """An R2D2 with the architecture of `cfg` and no pretrained weights loaded (they come from a file next).
-
-    `text_config`: a transformers config .json that fixes the text tower's architecture (an export's), so
-    nothing outside the export is needed.
-    """
-    from r2d2ds.models import R2D2
-
-    changes: dict[str, Any] = dict(image_pretrained=False, image_checkpoint=None, text_pretrained=False)
-    if text_config is not None:
-        changes["text_model"] = str(text_config)
-    return R2D2(dataclasses.replace(cfg.model, **changes), vocab_size=vocab_size, pad_token_id=pad_token_id)
 
 
 class R2D2Retriever:

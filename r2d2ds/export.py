@@ -17,6 +17,7 @@ RUN_DIR/checkpoints/<tag or latest>/ (any ZeRO stage) with RUN_DIR/config.yaml a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -36,6 +37,20 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TEXT_CONFIG = "text_encoder_config.json"
 FORMAT = "r2d2ds-export-1"
+
+
+def build_model(cfg: Config, vocab_size: int, pad_token_id: int = 0, text_config: str | Path | None = None):
+    """An R2D2 with the architecture of `cfg` and no pretrained weights loaded (they come from a file next).
+
+    `text_config`: a transformers config .json that fixes the text tower's architecture (an export's), so
+    nothing outside the export is needed.
+    """
+    from r2d2ds.models import R2D2
+
+    changes: dict[str, Any] = dict(image_pretrained=False, image_checkpoint=None, text_pretrained=False)
+    if text_config is not None:
+        changes["text_model"] = str(text_config)
+    return R2D2(dataclasses.replace(cfg.model, **changes), vocab_size=vocab_size, pad_token_id=pad_token_id)
 
 
 def _dedupe_shared(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -163,7 +178,6 @@ def _consolidated_state(ckpt_dir: Path, tag: str) -> dict[str, Tensor]:
 def export_from_checkpoint(run_dir_or_ckpt_dir: str | Path, out_dir: str | Path,
                            tag: str | None = None) -> Path:
     """Consolidate a DeepSpeed checkpoint of a run and export its R2D2 (see the module docstring)."""
-    from r2d2ds.api import build_model
     from r2d2ds.data import load_tokenizer
 
     run_dir, ckpt_dir, tag = _resolve_run(Path(run_dir_or_ckpt_dir), tag)

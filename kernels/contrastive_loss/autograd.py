@@ -41,7 +41,7 @@ class _ContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image_emb, text_emb, scale, labels, t_img, t_txt, alpha, group, backend, seed):
         b = image_emb.shape[0]
-        sizes = gather_sizes(b, image_emb.device, group)
+        sizes = gather_sizes(b, group)
         world, n = len(sizes), sum(sizes)
         # (N, D) gathered columns, no autograd. The images (and teacher images) are only needed by the t2i
         # pass: they travel while the i2t pass runs.

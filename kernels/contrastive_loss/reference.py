@@ -64,7 +64,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def _reference_impl(image_emb, text_emb, scale, labels, t_img, t_txt, alpha, group):
-    sizes = gather_sizes(image_emb.shape[0], image_emb.device, group)
+    sizes = gather_sizes(image_emb.shape[0], group)
     world, n, b = len(sizes), sum(sizes), image_emb.shape[0]
     img = _GatherWithGrad.apply(image_emb, sizes, group).float()
     txt = _GatherWithGrad.apply(text_emb, sizes, group).float()

@@ -30,37 +30,69 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Mean of `t` over ranks (a copy; no autograd)."""
-    t = t.detach().clone()
+def comm_device(group=None) -> torch.device:
+    """The device every tensor of a collective on `group` must live on: the backend's device.
+
+    NCCL moves only CUDA tensors (this rank's current CUDA device); gloo and MPI only CPU ones. A per-device
+    backend string ("cpu:gloo,cuda:nccl", torch's choice when init_process_group gets no backend) moves both:
+    CUDA then, where the compute is. Without a process group nothing is communicated: the CPU. Every collective
+    in the project gets its tensors from this rule (through the helpers here and in `collectives`), never from
+    where the caller's tensor happens to be: a CPU counter all-reduced under NCCL raises on the first call.
+    """
+    if not is_initialized():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    raise ValueError(f"no comm-device rule for torch.distributed backend {backend!r} (known: nccl, gloo, mpi)")
+
+
+def to_comm(t: torch.Tensor, group=None, copy: bool = False) -> torch.Tensor:
+    """`t` (detached) on `comm_device(group)`; a copy when it moves or when `copy` (safe to reduce in place)."""
+    return t.detach().to(comm_device(group), copy=copy)
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    out = to_comm(t, group, copy=True)
     if get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        t /= get_world_size(group)
-    return t
+        dist.all_reduce(out, op=op, group=group)
+    return out.to(t.device)
+
+
+def all_reduce_mean(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean of `t` over ranks: a copy on `t`'s device (no autograd); any device, whatever the backend."""
+    return _all_reduce(t, dist.ReduceOp.SUM, group) / get_world_size(group)
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    t = t.detach().clone()
-    if get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+    """Sum of `t` over ranks: a copy on `t`'s device (no autograd)."""
+    return _all_reduce(t, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise max of `t` over ranks: a copy on `t`'s device (no autograd)."""
+    return _all_reduce(t, dist.ReduceOp.MAX, group)
 
 
 def all_gather_variable(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenate `t` (rows may differ per rank) over ranks in rank order; no autograd. Used by eval."""
+    """Concatenate `t` (rows may differ per rank) over ranks in rank order, on `t`'s device; no autograd.
+    Used by eval."""
     world = get_world_size(group)
     if world == 1:
         return t.detach()
-    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
+    x = to_comm(t, group)
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
     sizes = [int(s.item()) for s in sizes]  # host sync: once per gather, eval only
     width = max(sizes)
-    padded = t.new_zeros((width, *t.shape[1:]))
-    padded[: t.shape[0]] = t.detach()
+    padded = x.new_zeros((width, *x.shape[1:]))
+    padded[: x.shape[0]] = x
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(t.device)
 
 
 _LOCAL_GROUPS: dict[int, object] = {}

@@ -4,7 +4,10 @@ grads.
 The contrastive wrappers (kernels/contrastive_loss.py, kernels/hard_negatives.py) gather the other ranks'
 embeddings as plain tensors (no autograd graph, no extra copy kept for backward) and route the gradient of the
 gathered columns back to the rank that owns them with one reduce-scatter in their own backward. Ranks may hold
-different numbers of rows: the sizes are exchanged once per call (`gather_sizes`, one host sync)."""
+different numbers of rows: the sizes are exchanged once per call (`gather_sizes`, one host sync).
+
+Every exchange runs on `comm_device(group)` (CUDA under NCCL, CPU under gloo) and hands its result back on the
+caller's device; on a GPU node under NCCL both are the same CUDA device and nothing is copied."""
 
 from __future__ import annotations
 
@@ -13,14 +16,15 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from r2d2ds.distributed import get_rank, get_world_size
+from r2d2ds.distributed import comm_device, get_rank, get_world_size, to_comm
 
 
-def gather_sizes(n: int, device: torch.device, group=None) -> list[int]:
+def gather_sizes(n: int, group=None) -> list[int]:
     """Rows held by every rank of `group`, in rank order. One small all-gather and one host sync."""
     world = get_world_size(group)
     if world == 1:
         return [n]
+    device = comm_device(group)
     t = torch.tensor([n], device=device, dtype=torch.long)
     out = torch.empty(world, device=device, dtype=torch.long)
     _all_gather_into(out, t, group)
@@ -52,10 +56,11 @@ def all_gather_rows(t: torch.Tensor, sizes: list[int], group=None) -> torch.Tens
 
 def all_gather_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> _Pending:
     """Start `all_gather_rows` without waiting: e.g. images travel while the i2t pass (texts only) runs."""
-    t = t.detach().contiguous()
     world = len(sizes)
     if world == 1:
-        return _Pending(t)
+        return _Pending(t.detach())
+    home = t.device
+    t = to_comm(t, group).contiguous()
     width = max(sizes)
     if min(sizes) != width:  # uneven rows: pad to the widest, gather, then keep each rank's real rows
         padded = t.new_zeros((width, *t.shape[1:]))
@@ -66,9 +71,9 @@ def all_gather_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> _Pen
         warnings.simplefilter("ignore", FutureWarning)
         work = dist.all_gather_into_tensor(out, t, group=group, async_op=True)
     if min(sizes) == width:
-        return _Pending(out, work)
+        return _Pending(out, work, post=lambda o: o.to(home))
     return _Pending(out, work, post=lambda o: torch.cat([o[r * width: r * width + s]
-                                                         for r, s in enumerate(sizes)]))
+                                                         for r, s in enumerate(sizes)]).to(home))
 
 
 def reduce_scatter_rows(t: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
@@ -82,7 +87,8 @@ def reduce_scatter_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> 
     world = len(sizes)
     if world == 1:
         return _Pending(t)
-    t = t.contiguous()
+    home = t.device
+    t = to_comm(t, group).contiguous()
     width = max(sizes)
     if min(sizes) != width:  # uneven rows: pad every rank's block to the widest, drop the padding after
         padded = t.new_zeros((width * world, *t.shape[1:]))
@@ -96,7 +102,7 @@ def reduce_scatter_rows_async(t: torch.Tensor, sizes: list[int], group=None) -> 
         warnings.simplefilter("ignore", FutureWarning)
         work = dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.SUM, group=group, async_op=True)
     rows = sizes[get_rank(group)]
-    return _Pending(out, work, None if min(sizes) == width else (lambda o: o[:rows]))
+    return _Pending(out, work, lambda o: o[:rows].to(home))
 
 
 def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> None:
