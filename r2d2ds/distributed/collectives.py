@@ -1,7 +1,7 @@
 """Row exchanges for the global-batch losses: all-gather of columns without autograd, reduce-scatter of their
 grads.
 
-The contrastive wrappers (kernels/contrastive_loss.py, kernels/hard_negatives.py) gather the other ranks'
+The contrastive wrappers (kernels/contrastive_loss/, kernels/hard_negatives.py) gather the other ranks'
 embeddings as plain tensors (no autograd graph, no extra copy kept for backward) and route the gradient of the
 gathered columns back to the rank that owns them with one reduce-scatter in their own backward. Ranks may hold
 different numbers of rows: the sizes are exchanged once per call (`gather_sizes`, one host sync).
