@@ -26,6 +26,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 _IMPLS = ("auto", "torch", "triton", "reference")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what data.image_formats may allow
 
 
 @dataclass
@@ -106,6 +107,17 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement (multi-node: no rank runs out of shards)
     augment: bool = False  # timm RandomResizedCrop + flip for training
     caption: str = "random"  # which caption of a multi-caption sample to train on: random | first
+    # Hostile input (README "Data"): every skipped sample is counted in data/skipped; above this fraction of the
+    # samples read the run stops with an error instead of training on whatever is left.
+    max_skipped_fraction: float = 0.5
+    # Decoding limits, each checked before the work it bounds (tar header, image header, raw JSON bytes).
+    max_member_bytes: int = 32 * 2**20  # a larger tar member skips its sample without being read
+    max_image_pixels: int = 50_000_000  # width x height from the image header; 50 MP = 150 MB of RGB
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # PIL format names; img2dataset writes these three
+    max_json_bytes: int = 2**20
+    max_json_depth: int = 32
+    max_caption_chars: int = 512  # longer captions are cut (tokenisation truncates to max_text_len anyway)
+    max_captions: int = 32  # captions kept per sample (retrieval evaluates every kept caption)
 
     def __post_init__(self) -> None:
         _check(self.max_text_len >= 4, "data.max_text_len", f"must be >= 4, got {self.max_text_len}")
@@ -114,6 +126,15 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.caption in ("random", "first"), "data.caption", "must be 'random' or 'first'")
+        _check(0.0 <= self.max_skipped_fraction <= 1.0, "data.max_skipped_fraction",
+               f"must be in [0, 1] (1 disables the check), got {self.max_skipped_fraction}")
+        for name in ("max_member_bytes", "max_image_pixels", "max_json_bytes", "max_json_depth",
+                     "max_caption_chars", "max_captions"):
+            _check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
+        self.image_formats = tuple(f.upper() for f in self.image_formats)
+        _check(len(self.image_formats) >= 1 and set(self.image_formats) <= set(IMAGE_FORMATS), "data.image_formats",
+               f"must be a non-empty list of {IMAGE_FORMATS} (formats with well-kept PIL decoders), got "
+               f"{list(self.image_formats)}")
 
 
 @dataclass
