@@ -175,6 +175,9 @@ def decode_image(data: bytes, cfg: DataConfig | None = None) -> Image.Image:
         except UnidentifiedImageError:
             raise BadSample("image_format", f"not {'/'.join(cfg.image_formats)} "
                                             f"(starts with {data[:8]!r})") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+            # PIL's own header check (above Image.MAX_IMAGE_PIXELS) fired before ours could.
+            raise BadSample("too_many_pixels", str(exn)) from None
         pixels = img.width * img.height
         if pixels > cfg.max_image_pixels:
             raise BadSample("too_many_pixels", f"{img.width}x{img.height} > data.max_image_pixels="

@@ -37,8 +37,8 @@ from r2d2ds.data.writer import MANIFEST_FORMAT
 logger = logging.getLogger(__name__)
 
 PUBLIC_KEYS = ("image", "input_ids", "attention_mask", "image_id", "key", "skipped")
-# An endless stream checks data.max_skipped_fraction every CHECK_EVERY items once a slot has seen MIN_CHECKED
-# (fewer would let one bad shard at the start of a slot stop a healthy run); a finite one also at its end.
+# A slot checks data.max_skipped_fraction every CHECK_EVERY items once it has seen MIN_CHECKED: judged on
+# fewer, one bad shard at the start of a slot (or a slot that only drew broken shards) would stop a healthy run.
 MIN_CHECKED, CHECK_EVERY = 1000, 100
 
 
@@ -217,7 +217,6 @@ class _SlotDataset(IterableDataset):
             else:
                 empty_epochs = 0
             epoch, consumed, batches = epoch + 1, 0, 0
-        counter.check(cfg.max_skipped_fraction, where)
         if pending:
             logger.warning("data: %s dropped its last %d sample(s) after %d epoch(s): fewer than "
                            "data.micro_batch=%d", where, len(pending), self.max_epochs, cfg.micro_batch)
