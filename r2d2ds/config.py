@@ -12,6 +12,7 @@ import json
 import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -251,6 +252,14 @@ def _short(val: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _check_text(text: str, key: str) -> None:
+    """Control characters, lone surrogates and Unicode line separators have no place in a path or a name, and
+    YAML does not read them back as written (the resolved config is saved as YAML with every run)."""
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ConfigError(f"config key '{key}': contains the control character {bad!r}")
+
+
 def _plain(val: Any, key: str, depth: int = 0) -> None:
     """Library kwargs (model.image_kwargs, model.text_config): YAML scalars, lists and string-keyed mappings only,
     so the resolved config can be saved and read back."""
@@ -260,10 +269,13 @@ def _plain(val: Any, key: str, depth: int = 0) -> None:
         for k, v in val.items():
             if not isinstance(k, str):
                 raise ConfigError(f"config key '{key}': keys must be strings, got {_short(k)}")
+            _check_text(k, key)
             _plain(v, key, depth + 1)
     elif isinstance(val, list):
         for v in val:
             _plain(v, key, depth + 1)
+    elif isinstance(val, str):
+        _check_text(val, key)
     elif isinstance(val, float) and not math.isfinite(val):
         raise ConfigError(f"config key '{key}': values must be finite numbers, got {val}")
     elif not (val is None or isinstance(val, (bool, int, float, str))):
@@ -309,8 +321,7 @@ def _coerce(val: Any, hint: Any, key: str) -> Any:
     if hint is str:
         if not isinstance(val, str):
             raise ConfigError(f"config key '{key}': expected a string, got {_short(val)}")
-        if "\0" in val:
-            raise ConfigError(f"config key '{key}': contains a NUL character")
+        _check_text(val, key)
         return val
     if origin is tuple:
         if not isinstance(val, (list, tuple)):
