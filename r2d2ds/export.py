@@ -1,10 +1,6 @@
 """Export a trained R2D2 for use after training: safetensors weights, resolved config, tokenizer.
 
-Layout of an export directory (read back by `r2d2ds.api.load`):
-  model.safetensors          the R2D2 state dict (metadata: vocab_size, pad_token_id, tied-name aliases)
-  config.yaml                the full resolved run config (Config.save)
-  text_encoder_config.json   the text tower's transformers config, so loading needs nothing outside the folder
-  tokenizer files            tokenizer.save_pretrained(out_dir)
+The directory layout and its reader are `r2d2ds.model_dir` (read back by `r2d2ds.api.load` and `r2d2ds eval`).
 
 The folder is built in a temporary directory beside `out_dir` and renamed into place, so a crash never leaves
 a half-written export under the final name; an existing export at `out_dir` is replaced only after the new one
@@ -31,11 +27,7 @@ from torch import Tensor, nn
 
 import r2d2ds
 from r2d2ds.config import Config, load_config
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
-TEXT_CONFIG = "text_encoder_config.json"
-FORMAT = "r2d2ds-export-1"
+from r2d2ds.model_dir import CONFIG, FORMAT, TEXT_CONFIG, WEIGHTS, build_model
 
 
 def _dedupe_shared(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -163,7 +155,6 @@ def _consolidated_state(ckpt_dir: Path, tag: str) -> dict[str, Tensor]:
 def export_from_checkpoint(run_dir_or_ckpt_dir: str | Path, out_dir: str | Path,
                            tag: str | None = None) -> Path:
     """Consolidate a DeepSpeed checkpoint of a run and export its R2D2 (see the module docstring)."""
-    from r2d2ds.api import build_model
     from r2d2ds.data import load_tokenizer
 
     run_dir, ckpt_dir, tag = _resolve_run(Path(run_dir_or_ckpt_dir), tag)
