@@ -198,7 +198,7 @@ class Trainer:
         if self._eval_split is None:
             self._eval_split = load_retrieval_split(self.cfg.data.val, self.cfg.data.val_split, self.tokenizer,
                                                     self.cfg.data.image_size, max_images=self.cfg.eval.max_images,
-                                                    max_text_len=self.cfg.data.max_text_len)
+                                                    max_text_len=self.cfg.data.max_text_len, limits=self.cfg.data)
         with self._autocast():
             metrics = evaluate(self.engine.module.model, self._eval_split, self.cfg.eval, device=self.device)
         self.engine.train()
