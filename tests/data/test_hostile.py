@@ -9,6 +9,7 @@ import pickle
 import tarfile
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,13 @@ def test_json_limits_and_depth_without_recursion():
             parse_sample({"__key__": "k", "jpg": b"x", "json": caption_json("说明", image_id=iid)})
     assert parse_sample({"__key__": "k", "jpg": b"x", "json": caption_json("说明", image_id=2**63 - 1)})[2] == \
         2**63 - 1
+
+
+def test_readme_documents_the_limit_defaults():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    d = DataConfig()
+    for key in ("max_member_bytes", "max_image_pixels", "max_json_bytes", "max_json_depth", "max_caption_chars",
+                "max_captions"):
+        assert f"| `{key}` | {getattr(d, key)} " in readme, key
+    assert f"| `image_formats` | `[{', '.join(d.image_formats)}]` |" in readme
+    assert f"`data.max_skipped_fraction` (default {d.max_skipped_fraction})" in readme
