@@ -24,6 +24,7 @@ from r2d2ds import distributed as rd
 from r2d2ds.config import Config
 from r2d2ds.engine import build_engine, fill_ds_config
 from r2d2ds.metrics import MetricLogger
+from r2d2ds.preflight import check_training_paths
 
 log = logging.getLogger("r2d2ds")
 
@@ -45,7 +46,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from r2d2ds.data import TrainStream, load_tokenizer, resolve_shards
+        from r2d2ds.data import TrainStream
         from r2d2ds.losses.objective import R2D2Pretraining
         from r2d2ds.models.ema import make_teacher
 
@@ -57,8 +58,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         rd.barrier()
 
-        resolve_shards(cfg.data.train, cfg.data.train_split)  # a missing dataset fails here, named, on every rank
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, dataset=cfg.data.train)
+        # Every path key (dataset, tokenizer, ds_config...) fails here, named, on every rank, before any model.
+        self.tokenizer = check_training_paths(cfg)
         specials = sorted(set(self.tokenizer.all_special_ids))
         # Identical initial weights on every rank (ZeRO-3 partitions each rank's copy without broadcasting).
         seed_everything(cfg.train.seed)

@@ -37,6 +37,7 @@ logger = logging.getLogger("r2d2ds.data.shards")  # one logger for every data/sk
 _INT64 = (-(2**63), 2**63 - 1)
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _REPORTED: set[tuple[str, str, str]] = set()  # per process: each bad (shard, key, reason) is logged once
+MAX_REPORTED = 100_000  # bounds the memory of that set (and the log) on a huge, badly broken dataset
 
 
 class BadSample(Exception):
@@ -72,10 +73,14 @@ class SkipCounter:
         self.reasons[reason] += 1
         self._delta[reason] += 1
         ident = (shard, key, reason)
-        if ident not in _REPORTED:
-            _REPORTED.add(ident)
-            logger.warning("data/skipped: shard '%s' key '%s': %s%s", shard, key, reason,
-                           f" ({detail})" if detail else "")
+        if ident in _REPORTED or len(_REPORTED) > MAX_REPORTED:
+            return
+        _REPORTED.add(ident)
+        if len(_REPORTED) > MAX_REPORTED:
+            logger.warning("data/skipped: %d distinct bad samples reported; further ones are only counted",
+                           MAX_REPORTED)
+            return
+        logger.warning("data/skipped: shard '%s' key '%s': %s%s", shard, key, reason, f" ({detail})" if detail else "")
 
     def take(self) -> tuple[int, dict[str, int]]:
         delta = dict(self._delta)

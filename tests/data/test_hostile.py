@@ -199,3 +199,15 @@ def test_readme_documents_the_limit_defaults():
         assert f"| `{key}` | {getattr(d, key)} " in readme, key
     assert f"| `image_formats` | `[{', '.join(d.image_formats)}]` |" in readme
     assert f"`data.max_skipped_fraction` (default {d.max_skipped_fraction})" in readme
+
+
+def test_reports_are_bounded_but_counting_is_not(monkeypatch, caplog):
+    monkeypatch.setattr(samples_mod, "_REPORTED", set())
+    monkeypatch.setattr(samples_mod, "MAX_REPORTED", 2)
+    counter = samples_mod.SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="r2d2ds.data.shards"):
+        for i in range(5):
+            counter.skip("s.tar", f"k{i}", "corrupt_image")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and "further ones are only counted" in messages[-1]
+    assert counter.total == 5 and counter.take() == (5, {"corrupt_image": 5})
