@@ -331,6 +331,10 @@ def _coerce(val: Any, hint: Any, key: str) -> Any:
         if len(val) != len(args):
             raise ConfigError(f"config key '{key}': expected a list of {len(args)}, got {_short(val)}")
         return tuple(_coerce(v, a, key) for v, a in zip(val, args))
+    if origin is list:
+        if not isinstance(val, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {_short(val)}")
+        return [_coerce(v, args[0], key) for v in val] if args else list(val)
     if origin is dict:
         if not isinstance(val, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {_short(val)}")
