@@ -211,3 +211,21 @@ def test_reports_are_bounded_but_counting_is_not(monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3 and "further ones are only counted" in messages[-1]
     assert counter.total == 5 and counter.take() == (5, {"corrupt_image": 5})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_with_skips_and_carried_tails(hostile, tokenizer, workers):
+    cfg = _cfg(hostile.root, micro_batch=3, num_workers=workers)
+    total = 14  # about two and a half epochs of 17 good samples: batches that span epochs included
+    reference = list(islice(TrainStream(cfg, tokenizer, seed=1), total))
+    ref_keys = [b["key"] for b in reference]
+    full = TrainStream(cfg, tokenizer, seed=1)
+    list(islice(full, total))
+    for cut in (5, 6, 9):
+        first = TrainStream(cfg, tokenizer, seed=1)
+        head = [b["key"] for b in islice(first, cut)]
+        resumed = TrainStream(cfg, tokenizer, seed=1)
+        resumed.load_state_dict(first.state_dict())
+        tail = [b["key"] for b in islice(resumed, total - cut)]
+        assert head + tail == ref_keys, cut
+        assert resumed.skipped == full.skipped  # restored, and no skip counted twice or lost
