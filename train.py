@@ -9,6 +9,7 @@ import sys
 
 import r2d2ds  # noqa: F401  (installs the CPU torchvision shim before timm/transformers load)
 from r2d2ds.config import ConfigError, load_config
+from r2d2ds.preflight import check_training_paths
 from r2d2ds.trainer import Trainer, configure_logging
 
 
@@ -20,6 +21,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides + (["--train.resume=true"] if args.resume else []))
+        check_training_paths(cfg)  # every path key resolves here, on every rank, before any model is built
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

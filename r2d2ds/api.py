@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,11 @@ from PIL import Image
 from torch import Tensor
 
 import r2d2ds  # noqa: F401  (torchvision shim before timm/transformers)
-from r2d2ds.config import Config, load_config
-from r2d2ds.export import CONFIG, TEXT_CONFIG, WEIGHTS, build_model
+from r2d2ds.config import Config
+from r2d2ds.model_dir import build_model, load_model_dir
 from r2d2ds.rerank import itm_scorer, rerank
+
+__all__ = ["R2D2Retriever", "build_model", "load"]
 
 ImageInput = Sequence[Image.Image | str | Path] | Tensor
 
@@ -127,33 +128,10 @@ class R2D2Retriever:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> R2D2Retriever:
-    """Load an export directory written by r2d2ds.export (weights, config.yaml, tokenizer) onto `device`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Load an export directory written by r2d2ds.export (weights, config.yaml, tokenizer) onto `device`.
 
-    from r2d2ds.data import load_tokenizer
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"export directory '{root}' does not exist (write one with "
-                                f"`python -m r2d2ds.export --run RUN_DIR --out {root}`)")
-    for name in (WEIGHTS, CONFIG):
-        if not (root / name).is_file():
-            raise FileNotFoundError(f"'{root / name}' does not exist: '{root}' is not a complete "
-                                    f"r2d2ds export")
-    cfg = load_config(root / CONFIG)
-    tokenizer = load_tokenizer(str(root))
-    with safe_open(str(root / WEIGHTS), framework="pt") as f:
-        meta = f.metadata() or {}
-    vocab_size = int(meta.get("vocab_size", len(tokenizer)))
-    pad_id = int(meta.get("pad_token_id", tokenizer.pad_token_id or 0))
-    text_config = root / TEXT_CONFIG
-    model = build_model(cfg, vocab_size, pad_id, text_config if text_config.is_file() else None)
-    state = load_file(str(root / WEIGHTS))
-    for alias, kept in json.loads(meta.get("aliases", "{}")).items():  # tied weights saved once
-        state[alias] = state[kept]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"'{root / WEIGHTS}' does not fit the model of '{root / CONFIG}': "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    The directory is checked before anything large is allocated (`r2d2ds.model_dir.load_model_dir`): a missing
+    file raises FileNotFoundError, a damaged or inconsistent one ModelDirError naming the file and key.
+    """
+    model, tokenizer, cfg = load_model_dir(path, device)
     return R2D2Retriever(model, tokenizer, cfg, device)

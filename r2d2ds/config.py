@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -25,7 +29,19 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+def _check_keys(cond: bool, keys: tuple[str, ...], msg: str) -> None:
+    """A condition between several keys: the message names every one of them (any of them may be the wrong one)."""
+    if not cond:
+        raise ConfigError(f"config keys {', '.join(repr(k) for k in keys)}: {msg}")
+
+
+def _nonempty(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        _check(getattr(obj, name) != "", f"{section}.{name}", "must not be empty")
+
+
 _IMPLS = ("auto", "torch", "triton", "reference")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what data.image_formats may allow
 
 
 @dataclass
@@ -57,11 +73,15 @@ class ModelConfig:
         _check(self.embed_dim > 0, "model.embed_dim", f"must be > 0, got {self.embed_dim}")
         _check(self.cross_layers >= 1, "model.cross_layers", f"must be >= 1, got {self.cross_layers}")
         _check(self.cross_heads >= 1, "model.cross_heads", f"must be >= 1, got {self.cross_heads}")
+        _nonempty(self, "model", "image_model", "text_model")
+        _check(self.image_checkpoint != "", "model.image_checkpoint", "must be a file path or null")
+        _check(self.cross_ffn >= 0, "model.cross_ffn", f"must be >= 0 (0: 4 x width), got {self.cross_ffn}")
         _check(0.0 <= self.cross_dropout < 1.0, "model.cross_dropout", "must be in [0, 1)")
-        _check(0 < self.temperature_min <= self.temperature_init <= self.temperature_max,
-               "model.temperature_init",
-               f"need 0 < temperature_min <= temperature_init <= temperature_max, got "
-               f"{self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
+        _check(self.temperature_min > 0, "model.temperature_min", f"must be > 0, got {self.temperature_min}")
+        _check_keys(self.temperature_min <= self.temperature_init <= self.temperature_max,
+                    ("model.temperature_min", "model.temperature_init", "model.temperature_max"),
+                    f"need temperature_min <= temperature_init <= temperature_max, got "
+                    f"{self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
         _check(0.0 <= self.ema_momentum < 1.0, "model.ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         _check(self.attention_impl in _IMPLS, "model.attention_impl", f"must be one of {_IMPLS}")
         _check(self.contrastive_impl in _IMPLS, "model.contrastive_impl", f"must be one of {_IMPLS}")
@@ -106,14 +126,35 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement (multi-node: no rank runs out of shards)
     augment: bool = False  # timm RandomResizedCrop + flip for training
     caption: str = "random"  # which caption of a multi-caption sample to train on: random | first
+    # Hostile input (README "Data"): every skipped sample is counted in data/skipped; above this fraction of the
+    # samples read the run stops with an error instead of training on whatever is left.
+    max_skipped_fraction: float = 0.5
+    # Decoding limits, each checked before the work it bounds (tar header, image header, raw JSON bytes).
+    max_member_bytes: int = 32 * 2**20  # a larger tar member skips its sample without being read
+    max_image_pixels: int = 50_000_000  # width x height from the image header; 50 MP = 150 MB of RGB
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # PIL format names; img2dataset writes these three
+    max_json_bytes: int = 2**20
+    max_json_depth: int = 32
+    max_caption_chars: int = 512  # longer captions are cut (tokenisation truncates to max_text_len anyway)
+    max_captions: int = 32  # captions kept per sample (retrieval evaluates every kept caption)
 
     def __post_init__(self) -> None:
+        _nonempty(self, "data", "train_split", "val_split", "tokenizer")
         _check(self.max_text_len >= 4, "data.max_text_len", f"must be >= 4, got {self.max_text_len}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
         _check(self.micro_batch >= 1, "data.micro_batch", f"must be >= 1, got {self.micro_batch}")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.caption in ("random", "first"), "data.caption", "must be 'random' or 'first'")
+        _check(0.0 <= self.max_skipped_fraction <= 1.0, "data.max_skipped_fraction",
+               f"must be in [0, 1] (1 disables the check), got {self.max_skipped_fraction}")
+        for name in ("max_member_bytes", "max_image_pixels", "max_json_bytes", "max_json_depth",
+                     "max_caption_chars", "max_captions"):
+            _check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
+        self.image_formats = tuple(f.upper() for f in self.image_formats)
+        _check(len(self.image_formats) >= 1 and set(self.image_formats) <= set(IMAGE_FORMATS), "data.image_formats",
+               f"must be a non-empty list of {IMAGE_FORMATS} (formats with well-kept PIL decoders), got "
+               f"{list(self.image_formats)}")
 
 
 @dataclass
@@ -139,10 +180,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        _nonempty(self, "train", "run_dir", "ds_config")
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
+        _check(self.min_lr >= 0, "train.min_lr", f"must be >= 0, got {self.min_lr}")
+        _check_keys(self.min_lr <= self.lr, ("train.min_lr", "train.lr"), "need min_lr <= lr")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas",
+               f"must be two numbers in [0, 1), got {list(self.betas)}")
+        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {self.seed}")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 (runs shorter than it stay in warm-up)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(self.optimizer in ("ds_config", "torch_adamw"), "train.optimizer",
@@ -162,6 +209,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.topk >= 1, "eval.topk", f"must be >= 1, got {self.topk}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_images >= 0, "eval.max_images", "must be >= 0 (0: the whole split)")
 
 
 @dataclass
@@ -180,14 +228,15 @@ class Config:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys by their dotted name."""
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by their dotted name; ranges are
+    then checked by the section's own __post_init__."""
     if not isinstance(values, dict):
         raise ConfigError(f"config key '{prefix}': expected a mapping, got {type(values).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, val in values.items():
-        dotted = f"{prefix}.{key}" if prefix else key
+        dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"config key '{dotted}': unknown key (known: {', '.join(sorted(names))})")
         hint = hints[key]
@@ -198,16 +247,61 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _short(val: Any) -> str:
+    text = repr(val)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_text(text: str, key: str) -> None:
+    """Control characters, lone surrogates and Unicode line separators have no place in a path or a name, and
+    YAML does not read them back as written (the resolved config is saved as YAML with every run)."""
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ConfigError(f"config key '{key}': contains the control character {bad!r}")
+
+
+def _plain(val: Any, key: str, depth: int = 0) -> None:
+    """Library kwargs (model.image_kwargs, model.text_config): YAML scalars, lists and string-keyed mappings only,
+    so the resolved config can be saved and read back."""
+    if depth > 16:
+        raise ConfigError(f"config key '{key}': nested deeper than 16 levels")
+    if isinstance(val, dict):
+        for k, v in val.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"config key '{key}': keys must be strings, got {_short(k)}")
+            _check_text(k, key)
+            _plain(v, key, depth + 1)
+    elif isinstance(val, list):
+        for v in val:
+            _plain(v, key, depth + 1)
+    elif isinstance(val, str):
+        _check_text(val, key)
+    elif isinstance(val, float) and not math.isfinite(val):
+        raise ConfigError(f"config key '{key}': values must be finite numbers, got {val}")
+    elif not (val is None or isinstance(val, (bool, int, float, str))):
+        raise ConfigError(f"config key '{key}': unsupported value {_short(val)}")
+
+
 def _coerce(val: Any, hint: Any, key: str) -> Any:
-    origin = getattr(hint, "__origin__", None)
-    text = str(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if val is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _coerce(val, inner[0], key)
+        except ConfigError:
+            raise ConfigError(f"config key '{key}': expected {getattr(inner[0], '__name__', inner[0])} or null, "
+                              f"got {_short(val)}") from None
     if hint is bool:
         if not isinstance(val, bool):
-            raise ConfigError(f"config key '{key}': expected true/false, got {val!r}")
+            raise ConfigError(f"config key '{key}': expected true/false, got {_short(val)}")
         return val
     if hint is int:
         if isinstance(val, bool) or not isinstance(val, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {val!r}")
+            raise ConfigError(f"config key '{key}': expected an integer, got {_short(val)}")
+        if not -(2**63) <= val < 2**63:
+            raise ConfigError(f"config key '{key}': {_short(val)} does not fit in 64 bits")
         return val
     if hint is float:
         if isinstance(val, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -216,24 +310,36 @@ def _coerce(val: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {val!r}")
-        return float(val)
+            raise ConfigError(f"config key '{key}': expected a number, got {_short(val)}")
+        try:
+            val = float(val)
+        except OverflowError:
+            val = math.inf
+        if not math.isfinite(val):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {_short(val)}")
+        return val
     if hint is str:
         if not isinstance(val, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {val!r}")
-        return val
-    if origin is dict:
-        if not isinstance(val, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {val!r}")
+            raise ConfigError(f"config key '{key}': expected a string, got {_short(val)}")
+        _check_text(val, key)
         return val
     if origin is tuple:
         if not isinstance(val, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {val!r}")
-        return tuple(val)
-    if "None" in text:  # Optional[...]
-        if val is None or isinstance(val, str):
-            return val
-        raise ConfigError(f"config key '{key}': expected a string or null, got {val!r}")
+            raise ConfigError(f"config key '{key}': expected a list, got {_short(val)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in val)
+        if len(val) != len(args):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)}, got {_short(val)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(val, args))
+    if origin is list:
+        if not isinstance(val, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {_short(val)}")
+        return [_coerce(v, args[0], key) for v in val] if args else list(val)
+    if origin is dict:
+        if not isinstance(val, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {_short(val)}")
+        _plain(val, key)
+        return dict(val)
     return val
 
 
@@ -265,7 +371,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             i += 1
         if "." not in key:
             raise ConfigError(f"config key '{key}': overrides take the form --section.key=value")
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except (yaml.YAMLError, RecursionError) as exn:
+            raise ConfigError(f"config key '{key}': cannot parse {raw[:80]!r} as a YAML value ({exn})") from None
+        _set_dotted(tree, key, value)
         i += 1
     return tree
 
@@ -289,7 +399,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exn:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exn}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}': top level must be a mapping of sections")
         tree = loaded

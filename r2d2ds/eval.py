@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from r2d2ds.api import load
 from r2d2ds.config import EvalConfig
 from r2d2ds.distributed import all_gather_variable, get_rank, get_world_size, is_main_process
 from r2d2ds.fileio import atomic_write_text
@@ -227,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from r2d2ds.config import ConfigError
+    from r2d2ds.model_dir import ModelDirError, load_model_dir
+
     joined = _init_distributed_from_env()
     try:
         if args.device:
@@ -236,11 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             device = "cpu"
         try:
-            retriever = load(args.model, device=device)
-        except FileNotFoundError as err:
+            model, tokenizer, cfg = load_model_dir(args.model, device=device)
+        except (FileNotFoundError, ModelDirError, ConfigError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        cfg = retriever.config
         pick = lambda arg, default: arg if arg is not None else default
         eval_cfg = EvalConfig(topk=pick(args.topk, cfg.eval.topk),
                               batch_size=pick(args.batch_size, cfg.eval.batch_size),
@@ -250,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from r2d2ds.data import load_retrieval_split
 
-        split = load_retrieval_split(args.data, args.split, retriever.tokenizer, cfg.data.image_size,
-                                     max_images=eval_cfg.max_images, max_text_len=cfg.data.max_text_len)
-        metrics = evaluate(retriever.model, split, eval_cfg, device=device)
+        split = load_retrieval_split(args.data, args.split, tokenizer, cfg.data.image_size,
+                                     max_images=eval_cfg.max_images, max_text_len=cfg.data.max_text_len,
+                                     limits=cfg.data)
+        metrics = evaluate(model, split, eval_cfg, device=device)
         if is_main_process():
             print_table(metrics)
             write_eval_json(metrics, args.out)

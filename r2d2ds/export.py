@@ -1,10 +1,6 @@
 """Export a trained R2D2 for use after training: safetensors weights, resolved config, tokenizer.
 
-Layout of an export directory (read back by `r2d2ds.api.load`):
-  model.safetensors          the R2D2 state dict (metadata: vocab_size, pad_token_id, tied-name aliases)
-  config.yaml                the full resolved run config (Config.save)
-  text_encoder_config.json   the text tower's transformers config, so loading needs nothing outside the folder
-  tokenizer files            tokenizer.save_pretrained(out_dir)
+The directory layout and its reader are `r2d2ds.model_dir` (read back by `r2d2ds.api.load` and `r2d2ds eval`).
 
 The folder is built in a temporary directory beside `out_dir` and renamed into place, so a crash never leaves
 a half-written export under the final name; an existing export at `out_dir` is replaced only after the new one
@@ -17,7 +13,6 @@ RUN_DIR/checkpoints/<tag or latest>/ (any ZeRO stage) with RUN_DIR/config.yaml a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -32,25 +27,7 @@ from torch import Tensor, nn
 
 import r2d2ds
 from r2d2ds.config import Config, load_config
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
-TEXT_CONFIG = "text_encoder_config.json"
-FORMAT = "r2d2ds-export-1"
-
-
-def build_model(cfg: Config, vocab_size: int, pad_token_id: int = 0, text_config: str | Path | None = None):
-    """An R2D2 with the architecture of `cfg` and no pretrained weights loaded (they come from a file next).
-
-    `text_config`: a transformers config .json that fixes the text tower's architecture (an export's), so
-    nothing outside the export is needed.
-    """
-    from r2d2ds.models import R2D2
-
-    changes: dict[str, Any] = dict(image_pretrained=False, image_checkpoint=None, text_pretrained=False)
-    if text_config is not None:
-        changes["text_model"] = str(text_config)
-    return R2D2(dataclasses.replace(cfg.model, **changes), vocab_size=vocab_size, pad_token_id=pad_token_id)
+from r2d2ds.model_dir import CONFIG, FORMAT, TEXT_CONFIG, WEIGHTS, build_model
 
 
 def _dedupe_shared(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

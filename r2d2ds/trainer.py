@@ -24,6 +24,7 @@ from r2d2ds import distributed as rd
 from r2d2ds.config import Config
 from r2d2ds.engine import build_engine, fill_ds_config
 from r2d2ds.metrics import MetricLogger
+from r2d2ds.preflight import check_training_paths
 
 log = logging.getLogger("r2d2ds")
 
@@ -45,7 +46,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from r2d2ds.data import TrainStream, load_tokenizer, resolve_shards
+        from r2d2ds.data import TrainStream
         from r2d2ds.losses.objective import R2D2Pretraining
         from r2d2ds.models.ema import make_teacher
 
@@ -57,8 +58,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         rd.barrier()
 
-        resolve_shards(cfg.data.train, cfg.data.train_split)  # a missing dataset fails here, named, on every rank
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, dataset=cfg.data.train)
+        # Every path key (dataset, tokenizer, ds_config...) fails here, named, on every rank, before any model.
+        self.tokenizer = check_training_paths(cfg)
         specials = sorted(set(self.tokenizer.all_special_ids))
         # Identical initial weights on every rank (ZeRO-3 partitions each rank's copy without broadcasting).
         seed_everything(cfg.train.seed)
@@ -198,7 +199,7 @@ class Trainer:
         if self._eval_split is None:
             self._eval_split = load_retrieval_split(self.cfg.data.val, self.cfg.data.val_split, self.tokenizer,
                                                     self.cfg.data.image_size, max_images=self.cfg.eval.max_images,
-                                                    max_text_len=self.cfg.data.max_text_len)
+                                                    max_text_len=self.cfg.data.max_text_len, limits=self.cfg.data)
         with self._autocast():
             metrics = evaluate(self.engine.module.model, self._eval_split, self.cfg.eval, device=self.device)
         self.engine.train()

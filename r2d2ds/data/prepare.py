@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from r2d2ds.data import synthetic
-from r2d2ds.data.shards import key_to_image_id
+from r2d2ds.data.samples import key_to_image_id
 from r2d2ds.data.sources import FORMATS, CaptionFileError, Record, read_captions, read_id_list
 from r2d2ds.data.tokenizer import write_vocab
 from r2d2ds.data.writer import ShardWriter, write_manifest

@@ -1,12 +1,9 @@
-"""Reading shards: resolve a data spec, parse samples safely, the training stream and the retrieval split.
+"""Reading shards: resolve a data spec, the training stream and the retrieval split.
 
 Shard layout (img2dataset's): `KEY.jpg` plus `KEY.json` ({"captions": [...]} or {"caption": str}, optional
-"image_id") and/or `KEY.txt` (one caption per non-empty line). Only safe decoders run on shard bytes: PIL for
-images, `json` for metadata, UTF-8 for text. Nothing is ever unpickled.
-
-Bad input never stops training: a corrupt image, an empty or missing caption, a missing image, or a broken tar
-member is skipped, counted by reason, and reported once (shard + key) through `logging`. A tar that breaks
-mid-member ends that shard (one report) and the stream continues with the next shard.
+"image_id") and/or `KEY.txt` (one caption per non-empty line). `tar_reader` turns a shard into raw samples under
+the size limits; `samples.decode_or_skip` is the skip contract every sample goes through (any failure is a
+counted, reported skip with shard and key; only safe decoders; nothing is ever unpickled).
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import logging
 import math
 import os
 import random
-import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -33,14 +29,17 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from r2d2ds.config import DataConfig
-from r2d2ds.data.transforms import decode_image, normalize_batch, pixel_transform
+from r2d2ds.data.samples import DataError, Sample, SkipCounter, decode_or_skip
+from r2d2ds.data.tar_reader import read_shard
+from r2d2ds.data.transforms import normalize_batch, pixel_transform
 from r2d2ds.data.writer import MANIFEST_FORMAT
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PUBLIC_KEYS = ("image", "input_ids", "attention_mask", "image_id", "key", "skipped")
-_REPORTED: set[tuple[str, str, str]] = set()  # per process: each bad (shard, key, reason) is logged once
+# A slot checks data.max_skipped_fraction every CHECK_EVERY items once it has seen MIN_CHECKED: judged on
+# fewer, one bad shard at the start of a slot (or a slot that only drew broken shards) would stop a healthy run.
+MIN_CHECKED, CHECK_EVERY = 1000, 100
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -103,111 +102,11 @@ def resolve_shards(spec: str, split: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- samples
 
 
-def key_to_image_id(key: str) -> int:
-    """A stable non-negative 63-bit id from a sample key (equal keys, equal ids; not Python's salted hash)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") >> 1
-
-
-class BadSample(Exception):
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class SkipCounter:
-    """Skipped samples by reason. `take()` returns and clears the counts since the previous call."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.reasons: Counter[str] = Counter()
-        self._delta: Counter[str] = Counter()
-
-    def skip(self, shard: str, key: str, reason: str, detail: str = "") -> None:
-        self.total += 1
-        self.reasons[reason] += 1
-        self._delta[reason] += 1
-        ident = (shard, key, reason)
-        if ident not in _REPORTED:
-            _REPORTED.add(ident)
-            logger.warning("data/skipped: shard '%s' key '%s': %s%s", shard, key, reason,
-                           f" ({detail})" if detail else "")
-
-    def take(self) -> tuple[int, dict[str, int]]:
-        delta = dict(self._delta)
-        self._delta.clear()
-        return sum(delta.values()), delta
-
-
-def parse_sample(raw: dict[str, Any]) -> tuple[bytes, list[str], int]:
-    """(image bytes, non-empty captions, image id) of a raw webdataset sample; raises BadSample. No decoding
-    of the image here, so callers can check a sample cheaply before paying for the decode."""
-    key = raw.get("__key__", "?")
-    image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-    captions: list[str] | None = None
-    image_id: int | None = None
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exn:
-            raise BadSample("bad_json", str(exn)) from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", "top level is not an object")
-        if isinstance(meta.get("captions"), list):
-            captions = [c for c in meta["captions"] if isinstance(c, str)]
-        elif isinstance(meta.get("caption"), str):
-            captions = [meta["caption"]]
-        iid = meta.get("image_id")
-        if isinstance(iid, int) and not isinstance(iid, bool):
-            image_id = iid
-    if captions is None and "txt" in raw:
-        try:
-            captions = raw["txt"].decode("utf-8").splitlines()
-        except UnicodeDecodeError as exn:
-            raise BadSample("bad_text", str(exn)) from None
-    if captions is None:
-        raise BadSample("no_caption")
-    captions = [c.strip() for c in captions if c.strip()]
-    if not captions:
-        raise BadSample("empty_caption")
-    if image is None:
-        raise BadSample("no_image")
-    return image, captions, image_id if image_id is not None else key_to_image_id(key)
-
-
-class _TarErrors:
-    """webdataset exception handler for one shard: count and report the first tar-level error once, then let
-    webdataset drop the rest of the shard (a truncated tar cannot be resynchronised in stream mode)."""
-
-    def __init__(self, url: str, counter: SkipCounter, active: list[bool]) -> None:
-        self.url = url
-        self.counter = counter
-        self.active = active  # shared flag: False while fast-forwarding a resumed epoch (already counted)
-        self.seen: set[str] = set()
-
-    def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, (FileNotFoundError, PermissionError)):
-            reason = "unreadable_shard"
-        elif isinstance(exn, (tarfile.TarError, EOFError, OSError)):
-            reason = "broken_tar"
-        else:
-            reason = "bad_member"  # e.g. a duplicate member name
-        # A truncation raises twice (member read, then next header): count it once per shard and reason.
-        if reason not in self.seen:
-            self.seen.add(reason)
-            if self.active[0]:
-                self.counter.skip(self.url, "-", reason, str(exn.args[0]) if exn.args else type(exn).__name__)
-        return True
-
-
-def _shard_samples(urls: Iterable[dict[str, str]], counter: SkipCounter,
-                   active: list[bool]) -> Iterator[dict]:
-    """Raw samples shard by shard. Each shard runs through its own `tarfile_to_samples` so a shard broken
-    mid-sample flushes its partial sample at its own end instead of merging it with the next shard's first
-    sample (webdataset's shared grouping would, and would then drop both on a duplicate name)."""
+def _shard_samples(urls: Iterable[dict[str, str]], max_member_bytes: int) -> Iterator[dict]:
+    """Raw samples and error items, shard by shard (see `tar_reader`); counting happens downstream, in the one
+    slot that takes each item, so a sample-level split never counts a shard's failure twice."""
     for item in urls:
-        url = item["url"]
-        yield from wds.tarfile_to_samples(handler=_TarErrors(url, counter, active))(iter([{"url": url}]))
+        yield from read_shard(item["url"], max_member_bytes)
 
 
 def _take_every(src: Iterable[dict], slot: int, n: int) -> Iterator[dict]:
@@ -216,12 +115,13 @@ def _take_every(src: Iterable[dict], slot: int, n: int) -> Iterator[dict]:
             yield sample
 
 
-def _pick_caption(captions: list[str], mode: str, seed: int, epoch: int, key: str) -> str:
+def _pick_caption(captions: list[str], key: str, mode: str, seed: int, epoch: int) -> list[str]:
+    """The one caption a training sample uses this epoch."""
     if mode == "first" or len(captions) == 1:
-        return captions[0]
+        return captions[:1]
     # Seeded per (seed, epoch, key): independent of worker layout and order, so resume replays it exactly.
     h = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
-    return captions[int.from_bytes(h, "big") % len(captions)]
+    return [captions[int.from_bytes(h, "big") % len(captions)]]
 
 
 def epoch_shards(shards: list[str], slot: int, n_slots: int, seed: int, epoch: int,
@@ -271,62 +171,59 @@ class _SlotDataset(IterableDataset):
         workers = max(1, cfg.num_workers)
         local = ((info.id if info is not None else 0) + self.rotation) % workers
         slot, n_slots = self.rank * workers + local, self.world * workers
+        where = f"rank {self.rank} worker {local}"
         epoch, consumed, batches = self.positions[local]
         transform = pixel_transform(cfg.image_size, train=True, augment=cfg.augment)
         counter = SkipCounter()
+        # Samples short of a full batch at an epoch's end carry over into the next epoch's first batch, so every
+        # good sample is trained on once per epoch. A resume position is always taken right after a batch, when
+        # nothing is pending, so carrying over never breaks exact resume.
+        pending: list[Sample] = []
         empty_epochs = 0
         while self.max_epochs is None or epoch < self.max_epochs:
             urls, split = epoch_shards(self.shards, slot, n_slots, self.seed, epoch, cfg.resampled)
-            # With a sample-level split every slot reads every shard: only global slot 0 counts tar errors.
-            active = [consumed == 0 and (split is None or slot == 0)]
-            count_tar = split is None or slot == 0
             stages: list[Any] = [wds.SimpleShardList(urls),
-                                 partial(_shard_samples, counter=counter, active=active)]
+                                 partial(_shard_samples, max_member_bytes=cfg.max_member_bytes)]
             if split is not None:
                 stages.append(partial(_take_every, slot=split[0], n=split[1]))
             if cfg.shuffle_buffer > 1:
                 rng = random.Random(f"r2d2ds-buffer:{self.seed}:{epoch}:{slot}")
                 stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng))
-            pending: list[tuple[str, torch.Tensor, str, int]] = []
-            made = 0
+            good = 0
+            decode = dict(cfg=cfg, tokenizer=self.tokenizer, max_text_len=cfg.max_text_len,
+                          transform=partial(self._transform, transform, epoch=epoch),
+                          pick=partial(_pick_caption, mode=cfg.caption, seed=self.seed, epoch=epoch))
             for idx, raw in enumerate(wds.DataPipeline(*stages)):
                 if idx < consumed:
                     continue  # fast-forward of a resumed epoch: no decode, no re-count
-                active[0] = count_tar
-                key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
-                try:
-                    image, captions, image_id = parse_sample(raw)
-                    try:
-                        # A transform can fail on a degenerate image too: same reason, same skip.
-                        pixels = self._transform(transform, decode_image(image), epoch, key)
-                    except Exception as exn:  # PIL: OSError, SyntaxError, ValueError, DecompressionBomb...
-                        raise BadSample("corrupt_image", f"{type(exn).__name__}: {exn}") from None
-                except BadSample as bad:
-                    counter.skip(url, key, bad.reason, bad.detail)
+                sample = decode_or_skip(raw, counter, **decode)
+                if counter.seen >= MIN_CHECKED and counter.seen % CHECK_EVERY == 0:
+                    counter.check(cfg.max_skipped_fraction, where)
+                if sample is None:
                     continue
-                caption = _pick_caption(captions, cfg.caption, self.seed, epoch, key)
-                pending.append((key, pixels, caption, image_id))
+                good += 1
+                pending.append(sample)
                 if len(pending) == cfg.micro_batch:
                     batches += 1
-                    made += 1
                     yield self._collate(pending, counter, (local, epoch, idx + 1, batches))
                     pending = []
-            # The remainder (< micro_batch) is dropped: every rank must yield equal batch shapes.
-            if made == 0 and consumed == 0:
+            if good == 0 and consumed == 0:
                 empty_epochs += 1
                 if empty_epochs >= 3:
-                    raise RuntimeError(
-                        f"data: rank {self.rank} worker {local} made no batch of data.micro_batch="
-                        f"{cfg.micro_batch} valid samples in 3 epochs from {len(self.shards)} shard(s) "
+                    raise DataError(
+                        f"data: {where} read no valid sample in 3 epochs from {len(self.shards)} shard(s) "
                         f"(first '{self.shards[0]}'); {counter.total} skipped ({dict(counter.reasons)}). "
-                        "Use fewer data.num_workers / ranks, a smaller data.micro_batch, or more data.")
+                        "Use fewer data.num_workers / ranks, or more data.")
             else:
                 empty_epochs = 0
             epoch, consumed, batches = epoch + 1, 0, 0
+        if pending:
+            logger.warning("data: %s dropped its last %d sample(s) after %d epoch(s): fewer than "
+                           "data.micro_batch=%d", where, len(pending), self.max_epochs, cfg.micro_batch)
         n, reasons = counter.take()
-        yield {"_tail": True, "skipped": n, "_reasons": reasons}
+        yield {"_tail": True, "skipped": n, "_reasons": reasons, "tail_dropped": len(pending)}
 
-    def _transform(self, transform: Any, pil: Any, epoch: int, key: str) -> torch.Tensor:
+    def _transform(self, transform: Any, pil: Any, key: str, epoch: int) -> torch.Tensor:
         if not self.cfg.augment:
             return transform(pil)
         # timm's RandomResizedCrop draws from Python's global `random`. Seed it per (seed, epoch, key) so a
@@ -338,17 +235,15 @@ class _SlotDataset(IterableDataset):
         finally:
             random.setstate(state)
 
-    def _collate(self, pending: list, counter: SkipCounter, pos: tuple[int, int, int, int]) -> dict[str, Any]:
-        keys = [p[0] for p in pending]
-        enc = self.tokenizer([p[2] for p in pending], padding="max_length", truncation=True,
-                             max_length=self.cfg.max_text_len, return_tensors="pt")
+    def _collate(self, pending: list[Sample], counter: SkipCounter,
+                 pos: tuple[int, int, int, int]) -> dict[str, Any]:
         n, reasons = counter.take()
         return {
-            "image": normalize_batch(torch.stack([p[1] for p in pending])),  # (B, 3, H, W) float32
-            "input_ids": enc["input_ids"].long(),  # (B, L)
-            "attention_mask": enc["attention_mask"].long(),  # (B, L)
-            "image_id": torch.tensor([p[3] for p in pending], dtype=torch.int64),  # (B,)
-            "key": keys,
+            "image": normalize_batch(torch.stack([p.pixels for p in pending])),  # (B, 3, H, W) float32
+            "input_ids": torch.tensor([p.input_ids[0] for p in pending], dtype=torch.int64),  # (B, L)
+            "attention_mask": torch.tensor([p.attention_mask[0] for p in pending], dtype=torch.int64),  # (B, L)
+            "image_id": torch.tensor([p.image_id for p in pending], dtype=torch.int64),  # (B,)
+            "key": [p.key for p in pending],
             "skipped": n,
             "_reasons": reasons,
             "_pos": pos,
@@ -380,8 +275,9 @@ class TrainStream:
                            len(self.shards), world, self.workers, world * self.workers)
         self._pos: list[tuple[int, int, int]] = [(0, 0, 0)] * self.workers
         self._next = 0
-        self.skipped = 0
+        self.skipped = 0  # data/skipped: every sample this rank dropped, by reason in skip_reasons
         self.skip_reasons: Counter[str] = Counter()
+        self.tail_dropped = 0  # good samples left short of a batch when max_epochs ended the stream
 
     def _fingerprint(self) -> dict[str, Any]:
         c = self.cfg
@@ -403,6 +299,7 @@ class TrainStream:
             self.skipped += int(item["skipped"])
             self.skip_reasons.update(item["_reasons"])
             if item.get("_tail"):
+                self.tail_dropped += int(item["tail_dropped"])
                 continue
             local, epoch, consumed, batches = (int(v) for v in item["_pos"])
             self._pos[local] = (epoch, consumed, batches)
@@ -450,43 +347,33 @@ class RetrievalSplit:
 
 
 def load_retrieval_split(spec: str, split: str, tokenizer: Any, image_size: int, max_images: int = 0,
-                         max_text_len: int = 32) -> RetrievalSplit:
+                         max_text_len: int = 32, limits: DataConfig | None = None) -> RetrievalSplit:
+    """Every valid image of a split with all its captions. Bad samples are skipped as in training (`limits`:
+    the DataConfig whose decoding limits and data.max_skipped_fraction apply; default DataConfig())."""
+    cfg = limits or DataConfig()
     shards = resolve_shards(spec, split)
-    transform = pixel_transform(image_size, train=False)
+    pixels = pixel_transform(image_size, train=False)
     counter = SkipCounter()
-    images: list[torch.Tensor] = []
-    keys: list[str] = []
-    ids: list[int] = []
-    texts: list[str] = []
-    t2i: list[int] = []
+    samples: list[Sample] = []
     pipeline = wds.DataPipeline(wds.SimpleShardList(shards),
-                                partial(_shard_samples, counter=counter, active=[True]))
+                                partial(_shard_samples, max_member_bytes=cfg.max_member_bytes))
     for raw in pipeline:
-        if max_images and len(images) >= max_images:
+        if max_images and len(samples) >= max_images:
             break
-        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
-        try:
-            image, captions, image_id = parse_sample(raw)
-            try:
-                pixels = transform(decode_image(image))
-            except Exception as exn:  # any PIL decode failure is a corrupt image
-                raise BadSample("corrupt_image", f"{type(exn).__name__}: {exn}") from None
-        except BadSample as bad:
-            counter.skip(url, key, bad.reason, bad.detail)
-            continue
-        for c in captions:
-            texts.append(c)
-            t2i.append(len(images))
-        images.append(pixels)
-        keys.append(key)
-        ids.append(image_id)
-    if not images:
-        raise ValueError(f"data: split '{split}' of '{spec}' has no valid sample ({counter.total} skipped: "
-                         f"{dict(counter.reasons)})")
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_text_len,
-                    return_tensors="pt")
-    return RetrievalSplit(images=normalize_batch(torch.stack(images)), input_ids=enc["input_ids"].long(),
-                          attention_mask=enc["attention_mask"].long(),
-                          text_to_image=torch.tensor(t2i, dtype=torch.int64), image_keys=keys,
-                          image_ids=torch.tensor(ids, dtype=torch.int64), captions=texts,
+        sample = decode_or_skip(raw, counter, cfg=cfg, tokenizer=tokenizer, max_text_len=max_text_len,
+                                transform=lambda pil, key: pixels(pil))
+        if sample is not None:
+            samples.append(sample)
+    if not samples:
+        raise DataError(f"data: split '{split}' of '{spec}' has no valid sample ({counter.total} skipped: "
+                        f"{dict(counter.reasons)})")
+    counter.check(cfg.max_skipped_fraction, f"split '{split}' of '{spec}'")
+    t2i = [i for i, s in enumerate(samples) for _ in s.captions]
+    return RetrievalSplit(images=normalize_batch(torch.stack([s.pixels for s in samples])),
+                          input_ids=torch.tensor([r for s in samples for r in s.input_ids], dtype=torch.int64),
+                          attention_mask=torch.tensor([r for s in samples for r in s.attention_mask],
+                                                      dtype=torch.int64),
+                          text_to_image=torch.tensor(t2i, dtype=torch.int64), image_keys=[s.key for s in samples],
+                          image_ids=torch.tensor([s.image_id for s in samples], dtype=torch.int64),
+                          captions=[c for s in samples for c in s.captions],
                           skipped=counter.total, skip_reasons=dict(counter.reasons))

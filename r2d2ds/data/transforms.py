@@ -1,4 +1,4 @@
-"""Image transforms (timm) and the one safe image decoder used everywhere in the data pipeline.
+"""Image transforms (timm); the safe image decoder is r2d2ds.data.samples.decode_image.
 
 Importing any r2d2ds.data module imports the r2d2ds package first, whose torchvision shim must run before timm
 imports torchvision.
@@ -6,7 +6,6 @@ imports torchvision.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import torch
@@ -59,14 +58,3 @@ _STD255 = torch.tensor(STD).view(1, 3, 1, 1) * 255
 def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 (B, 3, H, W), CLIP-normalised: (x - 255 mean) / (255 std)."""
     return (pixels.float() - _MEAN255) / _STD255
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes with PIL only (never pickle). Raises on corrupt, truncated or non-image bytes.
-
-    `load()` forces the full decode here, so a truncated JPEG fails now (PIL's LOAD_TRUNCATED_IMAGES stays
-    False) instead of later inside a transform where the sample could no longer be skipped cleanly.
-    """
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")

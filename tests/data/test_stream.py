@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from r2d2ds.config import DataConfig
-from r2d2ds.data import TrainStream, key_to_image_id, load_retrieval_split, resolve_shards
+from r2d2ds.data import DataError, TrainStream, key_to_image_id, load_retrieval_split, resolve_shards
 from r2d2ds.data.shards import epoch_shards
 
 from .shard_utils import add_member, caption_json, jpeg_bytes
@@ -68,7 +68,7 @@ def bad_shards(tmp_path):
             add_member(tf, f"c{i}.jpg", jpeg_bytes((10, 200, 40 * i)))
             add_member(tf, f"c{i}.txt", f"第三个分片{i}".encode())
             good.append(f"c{i}")
-    expected = {"corrupt_image": 2, "empty_caption": 1, "no_caption": 1, "broken_tar": 1}
+    expected = {"corrupt_image": 1, "image_format": 1, "empty_caption": 1, "no_caption": 1, "broken_tar": 1}
     return tmp_path, sorted(good), expected
 
 
@@ -216,11 +216,11 @@ def test_resume_skips_without_decoding(synth_dir, synth_tokenizer, monkeypatch):
     first = TrainStream(cfg, synth_tokenizer)
     list(islice(first, 20))
     state = first.state_dict()
-    import r2d2ds.data.shards as shards_mod
+    import r2d2ds.data.samples as samples_mod
 
     calls = []
-    real = shards_mod.decode_image
-    monkeypatch.setattr(shards_mod, "decode_image", lambda b: calls.append(1) or real(b))
+    real = samples_mod.decode_image
+    monkeypatch.setattr(samples_mod, "decode_image", lambda *a: calls.append(1) or real(*a))
     resumed = TrainStream(cfg, synth_tokenizer)
     resumed.load_state_dict(state)
     next(iter(resumed))
@@ -258,5 +258,5 @@ def test_all_bad_data_raises_instead_of_hanging(tmp_path, synth_tokenizer):
             add_member(tf, f"x{i}.jpg", b"not an image")
             add_member(tf, f"x{i}.txt", "说明".encode())
     stream = TrainStream(_cfg(str(tmp_path)), synth_tokenizer)
-    with pytest.raises(RuntimeError, match=r"no batch of data\.micro_batch=1 valid samples.*corrupt_image"):
+    with pytest.raises(DataError, match=r"no valid sample in 3 epochs.*image_format"):
         next(iter(stream))
