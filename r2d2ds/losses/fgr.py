@@ -81,8 +81,8 @@ def build_itm_pairs(img_tokens: Tensor, txt_tokens: Tensor, attention_mask: Tens
     valid = torch.cat([torch.ones(b, dtype=torch.bool, device=dev), neg_txt_for_img >= 0, neg_img_for_txt >= 0])
 
     # Counters (detached). Bytes: token features + mask rows that crossed ranks (ids and counts excluded).
-    txt_row = txt_tokens[0].numel() * txt_tokens.element_size() + attention_mask[0].numel() * \
-        attention_mask.element_size() if b else 0
+    txt_row = (txt_tokens[0].numel() * txt_tokens.element_size()
+               + attention_mask[0].numel() * attention_mask.element_size()) if b else 0
     img_row = img_tokens[0].numel() * img_tokens.element_size() if b else 0
     sent = txt_plan.rows_sent * txt_row + img_plan.rows_sent * img_row
     recv = txt_plan.rows_received * txt_row + img_plan.rows_received * img_row
