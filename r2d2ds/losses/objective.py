@@ -13,6 +13,9 @@ masked-text pass is shared by MLM and FgD.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -45,7 +48,11 @@ class R2D2Pretraining(nn.Module):
         """Whether any term (TgD, FgD) needs the EMA teacher: the trainer builds one only then."""
         return self._tgd_on() or self.loss_cfg.fgd_weight > 0
 
-    def forward(self, batch: dict, teacher: R2D2 | None, seed: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict, teacher: R2D2 | None, seed: int, run: Callable | None = None) -> Any:
+        """The loss terms of `batch`. `run(self, batch, teacher, seed)`, when given, replaces the one-shot
+        objective (GradCache's passes, r2d2ds.losses.gradcache) so it, too, runs inside the engine's forward."""
+        if run is not None:
+            return run(self, batch, teacher, seed)
         lc, impl = self.loss_cfg, self.model_cfg.contrastive_impl
         model = self.model
         image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
