@@ -79,9 +79,29 @@ class LossConfig:
     fgd_weight: float = 1.0  # our default
     mlm_weight: float = 1.0
     mlm_probability: float = 0.15
+    # FGR hard negatives (r2d2ds/losses/negatives.py): drawn over the global batch (scope "global") or this
+    # rank's rows ("local"); strategy softmax (released) | topk | mixed; optional false-negative guard.
+    fgr_negative_scope: str = "global"
+    fgr_negatives: str = "softmax"
+    fgr_softmax_temperature: float = 0.0  # 0: the learned contrastive temperature (released); > 0: fixed T
+    fgr_topk: int = 16  # topk: uniform among the k most similar non-positives
+    fgr_mixed_uniform: float = 0.5  # mixed: probability of a uniform draw over the non-positives
+    fgr_false_negative_guard: bool = False  # exclude candidates too similar to the anchor's own positive
+    fgr_false_negative_threshold: float = 0.9  # cosine above which the guard excludes a candidate
 
     def __post_init__(self) -> None:
         self.fgr_class_weights = tuple(float(w) for w in self.fgr_class_weights)
+        _check(self.fgr_negative_scope in ("global", "local"), "loss.fgr_negative_scope",
+               f"must be 'global' or 'local', got {self.fgr_negative_scope!r}")
+        _check(self.fgr_negatives in ("softmax", "topk", "mixed"), "loss.fgr_negatives",
+               f"must be 'softmax', 'topk' or 'mixed', got {self.fgr_negatives!r}")
+        _check(self.fgr_softmax_temperature >= 0, "loss.fgr_softmax_temperature",
+               f"must be > 0 (a fixed temperature) or 0 (the learned one), got {self.fgr_softmax_temperature}")
+        _check(self.fgr_topk >= 1, "loss.fgr_topk", f"must be >= 1, got {self.fgr_topk}")
+        _check(0.0 <= self.fgr_mixed_uniform <= 1.0, "loss.fgr_mixed_uniform",
+               f"must be in [0, 1], got {self.fgr_mixed_uniform}")
+        _check(-1.0 <= self.fgr_false_negative_threshold <= 1.0, "loss.fgr_false_negative_threshold",
+               f"is a cosine similarity: must be in [-1, 1], got {self.fgr_false_negative_threshold}")
         for name in ("gcpr_weight", "tgd_weight", "fgr_weight", "fgd_weight", "mlm_weight"):
             v = getattr(self, name)
             _check(v >= 0, f"loss.{name}", f"must be >= 0, got {v}")

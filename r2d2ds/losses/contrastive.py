@@ -18,9 +18,16 @@ from r2d2ds.kernels import contrastive_loss
 
 
 def gcpr_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, labels: Tensor | None,
-              group=None, impl: str = "auto") -> Tensor:
-    """Multi-positive symmetric InfoNCE over the global batch; 0-dim fp32 (this rank's local-row mean)."""
-    return contrastive_loss(image_emb, text_emb, logit_scale, labels=labels, group=group, impl=impl)
+              group=None, impl: str = "auto", negatives_seed: int | None = None):
+    """Multi-positive symmetric InfoNCE over the global batch; 0-dim fp32 (this rank's local-row mean).
+
+    With `negatives_seed`, returns (loss, (neg_txt_for_img, neg_img_for_txt)): FGR's softmax hard negatives
+    (global indices) drawn in the same pass over the similarity matrix, so it is computed once."""
+    if negatives_seed is None:
+        return contrastive_loss(image_emb, text_emb, logit_scale, labels=labels, group=group, impl=impl)
+    loss, neg_txt, neg_img = contrastive_loss(image_emb, text_emb, logit_scale, labels=labels, group=group,
+                                              impl=impl, return_negatives=True, seed=negatives_seed)
+    return loss, (neg_txt, neg_img)
 
 
 def tgd_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, labels: Tensor | None,

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from r2d2ds.config import LossConfig, ModelConfig
 from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
 from r2d2ds.losses.distill import fgd_loss
-from r2d2ds.losses.fgr import fgr_loss
+from r2d2ds.losses.fgr import fgr_group, fgr_loss
 from r2d2ds.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
+from r2d2ds.losses.negatives import NegativeSampling
 from r2d2ds.models.r2d2 import R2D2
 
 TERMS = ("gcpr", "tgd", "fgr", "fgd", "mlm")
@@ -40,6 +41,7 @@ class R2D2Pretraining(nn.Module):
         self.mask_token_id = mask_token_id
         # Pad is never a target either (also excluded through the attention mask).
         self.special_token_ids = sorted(set(special_token_ids) | {pad_token_id})
+        self.sampling = NegativeSampling.from_loss_config(loss_cfg)
 
     def _tgd_on(self) -> bool:
         return self.loss_cfg.tgd_alpha > 0 and self.loss_cfg.tgd_weight > 0
@@ -70,7 +72,15 @@ class R2D2Pretraining(nn.Module):
 
         zero = scale.new_zeros(())
         terms = dict.fromkeys(TERMS, zero)
-        acc = zero
+        fgr_stats = {"acc/itm": zero}
+        use_fgr = lc.fgr_weight > 0
+        fgr_seed = (int(seed) * 0x2545F491 + 0x1F) % (1 << 62)  # FGR's draw: its own stream of the step seed
+        # The released softmax draw at the learned temperature comes out of the GCPR pass itself (one pass
+        # over the global similarity matrix instead of two); other strategies sample in FGR.
+        fuse_draw = (use_fgr and lc.gcpr_weight > 0 and self.sampling.uses_kernel()
+                     and self.sampling.temperature == 0 and lc.fgr_negative_scope == "global"
+                     and impl != "reference")
+        negatives = None
 
         if use_tgd or use_fgd:
             with torch.no_grad():  # teacher in eval mode, no gradient
@@ -78,7 +88,11 @@ class R2D2Pretraining(nn.Module):
                 t_txt_tokens, t_txt_emb = teacher.encode_text(ids, mask)
 
         if lc.gcpr_weight > 0:
-            terms["gcpr"] = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl)
+            if fuse_draw:
+                terms["gcpr"], negatives = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl,
+                                                     negatives_seed=fgr_seed)
+            else:
+                terms["gcpr"] = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl)
         if use_tgd:
             terms["tgd"] = tgd_loss(img_emb, txt_emb, scale, labels, t_img_emb, t_txt_emb, impl=impl)
 
@@ -98,14 +112,16 @@ class R2D2Pretraining(nn.Module):
                     t_hidden = teacher.text_query(t_txt_tokens, mask, t_img_tokens)  # full text
                 terms["fgd"] = fgd_loss(m_hidden, t_hidden, mask)
 
-        if lc.fgr_weight > 0:
-            terms["fgr"], acc = fgr_loss(model, img_tokens, txt_tokens, mask, img_emb, txt_emb, scale, labels,
-                                         gen, lc.fgr_class_weights, impl=impl)
+        if use_fgr:  # collective (negatives' token exchange): every rank runs it, with or without requests
+            terms["fgr"], fgr_stats = fgr_loss(model, img_tokens, txt_tokens, mask, img_emb, txt_emb, scale, labels,
+                                               fgr_seed, lc.fgr_class_weights, self.sampling,
+                                               group=fgr_group(lc.fgr_negative_scope), negatives=negatives,
+                                               impl=impl)
 
         total = ((1.0 - a) * lc.gcpr_weight * terms["gcpr"] + a * lc.tgd_weight * terms["tgd"]
                  + lc.fgr_weight * terms["fgr"] + lc.fgd_weight * terms["fgd"] + lc.mlm_weight * terms["mlm"])
         out = {"loss": total.float()}
         out.update({f"loss/{k}": v.detach().float() for k, v in terms.items()})
-        out["acc/itm"] = acc.detach().float()
+        out.update(fgr_stats)
         out["logit_scale"] = scale.detach().float()
         return out

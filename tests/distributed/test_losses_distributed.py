@@ -2,8 +2,8 @@
 
 Each rank holds half of a global batch whose positives (equal image ids) straddle the rank boundary. After the
 data-parallel AVERAGE of gradients across ranks, every parameter must hold the gradient of the single-process
-loss on the concatenated batch (fp32, tight tolerance). FGR and MLM are local-batch terms by design and are
-off here.
+loss on the concatenated batch (fp32, tight tolerance). FGR (tests/distributed/test_negative_exchange.py) and
+MLM are off here.
 """
 
 from __future__ import annotations
@@ -70,10 +70,11 @@ def _rank_fn(rank: int, world: int, batch: dict):
     li = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
     lt = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
     gcpr_loss(li, lt, torch.tensor(10.0), local["image_id"], impl="torch").backward()
-    # FGR's negatives stay on the local batch (a one-rank group): local indices, same draws as one process.
+    # FGR with fgr_negative_scope="local" (a one-rank group): local indices, the same draws as one process.
     from r2d2ds.losses import pick_negatives
+    from r2d2ds.losses.fgr import fgr_group
 
-    negs = pick_negatives(li, lt, torch.tensor(10.0), local["image_id"], torch.Generator().manual_seed(9))
+    negs = pick_negatives(li, lt, torch.tensor(10.0), local["image_id"], 9, group=fgr_group("local"))
     return {"grads": grads, "loss": loss / world, "emb_grads": (li.grad / world, lt.grad / world, img, txt),
             "negatives": negs}
 
@@ -113,8 +114,9 @@ def test_contrastive_terms_gradient_invariant_two_ranks():
     torch.testing.assert_close(got_txt, txt.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_fgr_negatives_stay_local_under_two_ranks():
-    """Reuses the ranks' results: each rank's negatives index its own batch and match a one-process draw."""
+def test_fgr_local_scope_negatives_stay_local_under_two_ranks():
+    """Reuses the ranks' results: with fgr_negative_scope="local" each rank's negatives index its own batch and
+    match a one-process draw (the global default is tested in test_negative_exchange.py)."""
     from r2d2ds.losses import pick_negatives
 
     batch = tiny_batch(b=8, length=10, ids=IDS)
@@ -124,7 +126,7 @@ def test_fgr_negatives_stay_local_under_two_ranks():
         _, _, img, txt = r["emb_grads"]
         ids = batch["image_id"][rank * b:(rank + 1) * b]
         sl = slice(rank * b, (rank + 1) * b)
-        expect = pick_negatives(img[sl], txt[sl], torch.tensor(10.0), ids, torch.Generator().manual_seed(9))
+        expect = pick_negatives(img[sl], txt[sl], torch.tensor(10.0), ids, 9)
         for got, exp in zip(r["negatives"], expect):
             assert torch.equal(got, exp)
             ok = got >= 0

@@ -40,13 +40,15 @@ def test_build_itm_pairs_layout_and_validity():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     neg_txt = torch.tensor([2, -1, 0])
     neg_img = torch.tensor([1, 2, -1])
-    pi, pt, pm, target, valid = build_itm_pairs(img, txt, mask, neg_txt, neg_img)
+    pairs = build_itm_pairs(img, txt, mask, neg_txt, neg_img)  # one process: global indices = local rows
+    pi, pt, pm, target, valid = pairs.img, pairs.txt, pairs.mask, pairs.target, pairs.valid
     assert pi.shape == (9, n, w) and pt.shape == (9, l, w) and pm.shape == (9, l)
-    assert pi[:, 0, 0].tolist() == [0, 1, 2, 0, 1, 2, 1, 2, 0]
-    assert pt[:, 0, 0].tolist() == [10, 11, 12, 12, 10, 10, 10, 11, 12]
+    assert pi[:, 0, 0].tolist() == [0, 1, 2, 0, 1, 2, 1, 2, 2]  # no negative: its own row, masked
+    assert pt[:, 0, 0].tolist() == [10, 11, 12, 12, 11, 10, 10, 11, 12]
     assert torch.equal(pm[3], mask[2]) and torch.equal(pm[6], mask[0])  # masks travel with their text
     assert target.tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert valid.tolist() == [True, True, True, True, False, True, True, True, False]
+    assert pairs.stats["bytes_recv"].item() == 0 and pairs.stats["bytes_sent"].item() == 0
 
 
 def test_pick_negatives_never_returns_a_positive():
@@ -57,8 +59,7 @@ def test_pick_negatives_never_returns_a_positive():
         # Make positives the MOST similar pairs, so a sampler that forgot to exclude them would pick them.
         txt = F.normalize(img + 0.05 * torch.randn(b, 8, generator=g), dim=-1)
         ids = torch.randint(0, 4, (b,), generator=g)
-        gen = torch.Generator().manual_seed(trial)
-        neg_txt, neg_img = pick_negatives(img, txt, torch.tensor(20.0), ids, gen)
+        neg_txt, neg_img = pick_negatives(img, txt, torch.tensor(20.0), ids, seed=trial)
         for i in range(b):
             has_neg = bool((ids != ids[i]).any())
             for j in (neg_txt[i].item(), neg_img[i].item()):
@@ -72,12 +73,12 @@ def test_pick_negatives_edge_cases_and_seed():
     img = F.normalize(torch.randn(4, 8), dim=-1)
     txt = F.normalize(torch.randn(4, 8), dim=-1)
     ids = torch.tensor([5, 5, 5, 7])  # rows 0-2 have exactly one negative (3); row 3 has three
-    a = pick_negatives(img, txt, torch.tensor(10.0), ids, torch.Generator().manual_seed(1))
+    a = pick_negatives(img, txt, torch.tensor(10.0), ids, 1)
     assert a[0][:3].tolist() == [3, 3, 3] and a[1][:3].tolist() == [3, 3, 3]
     assert a[0][3].item() in (0, 1, 2) and a[1][3].item() in (0, 1, 2)
-    b = pick_negatives(img, txt, torch.tensor(10.0), ids, torch.Generator().manual_seed(1))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # reproducible from the generator
-    same = pick_negatives(img, txt, torch.tensor(10.0), torch.zeros(4, dtype=torch.long), None)
+    b = pick_negatives(img, txt, torch.tensor(10.0), ids, 1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # reproducible from the seed
+    same = pick_negatives(img, txt, torch.tensor(10.0), torch.zeros(4, dtype=torch.long), 0)
     assert same[0].tolist() == [-1] * 4 and same[1].tolist() == [-1] * 4
 
 
@@ -93,9 +94,8 @@ def test_fgr_loss_matches_hand_assembly(model):
     it, ie = m.encode_image(batch["image"])
     tt, te = m.encode_text(batch["input_ids"], batch["attention_mask"])
     scale = m.logit_scale()
-    loss, acc = fgr_loss(m, it, tt, batch["attention_mask"], ie, te, scale, batch["image_id"],
-                         torch.Generator().manual_seed(3), (1.0, 2.0))
-    nt, ni = pick_negatives(ie, te, scale, batch["image_id"], torch.Generator().manual_seed(3))
+    loss, stats = fgr_loss(m, it, tt, batch["attention_mask"], ie, te, scale, batch["image_id"], 3, (1.0, 2.0))
+    nt, ni = pick_negatives(ie, te, scale, batch["image_id"], 3)
     # Score every pair one at a time, then the weighted mean by hand (pos weight 2, neg 1), per encoder.
     pairs = [(i, i, 1) for i in range(4)] + [(i, int(nt[i]), 0) for i in range(4)] + \
             [(int(ni[j]), j, 0) for j in range(4)]
@@ -110,7 +110,21 @@ def test_fgr_loss_matches_hand_assembly(model):
             den += wt
         total += 0.5 * num / den
     assert loss.item() == pytest.approx(total, rel=1e-5)
-    assert 0.0 <= acc.item() <= 1.0
+    # Accuracy on positives and on negatives separately, both encoders averaged, by hand.
+    with torch.no_grad():
+        hits = {1: [], 0: []}
+        for i, j, y in pairs:
+            for logits in m.itm_logits(it[i:i + 1], tt[j:j + 1], batch["attention_mask"][j:j + 1]):
+                hits[y].append(float(logits.argmax(-1).item() == y))
+    assert stats["acc/itm_pos"].item() == pytest.approx(sum(hits[1]) / len(hits[1]))
+    assert stats["acc/itm_neg"].item() == pytest.approx(sum(hits[0]) / len(hits[0]))
+    assert stats["acc/itm"].item() == pytest.approx((sum(hits[1]) + sum(hits[0])) / 24)
+    # Similarity counters: mean cosine of the chosen negatives and of the off-diagonal entries, by hand.
+    cos = (ie @ te.T).detach()
+    neg_sim = (sum(cos[i, int(nt[i])] for i in range(4)) + sum(cos[int(ni[j]), j] for j in range(4))) / 8
+    off = (cos.sum() - cos.diagonal().sum()) / 12
+    assert stats["fgr/neg_sim"].item() == pytest.approx(neg_sim.item(), abs=1e-6)
+    assert stats["fgr/offdiag_sim"].item() == pytest.approx(off.item(), abs=1e-6)
     loss.backward()  # gradients reach both towers through the tokens (ALBEF style)
     assert m.image_tower.body.patch_embed.proj.weight.grad is not None
     assert m.text_tower.body.embeddings.word_embeddings.weight.grad is not None
@@ -123,11 +137,12 @@ def test_fgr_rows_without_negative_are_masked(model):
     with torch.no_grad():
         it, ie = m.encode_image(batch["image"])
         tt, te = m.encode_text(batch["input_ids"], batch["attention_mask"])
-        loss, acc = fgr_loss(m, it, tt, batch["attention_mask"], ie, te, m.logit_scale(), batch["image_id"],
-                             None, (1.0, 2.0))
+        loss, stats = fgr_loss(m, it, tt, batch["attention_mask"], ie, te, m.logit_scale(), batch["image_id"],
+                               0, (1.0, 2.0))
         tq, iq = m.itm_logits(it, tt, batch["attention_mask"])
     ones = torch.ones(3, dtype=torch.long)
     expect = 0.5 * (F.cross_entropy(tq, ones) + F.cross_entropy(iq, ones))
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
     expect_acc = 0.5 * ((tq.argmax(-1) == 1).float().mean() + (iq.argmax(-1) == 1).float().mean())
-    assert acc.item() == pytest.approx(expect_acc.item())
+    assert stats["acc/itm"].item() == pytest.approx(expect_acc.item())
+    assert stats["acc/itm_pos"].item() == pytest.approx(expect_acc.item())

@@ -20,7 +20,9 @@ from tests.models.tiny import (
     tiny_model_config,
 )
 
-KEYS = {"loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm", "logit_scale"}
+KEYS = {"loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm", "logit_scale",
+        "acc/itm_pos", "acc/itm_neg", "fgr/neg_sim", "fgr/offdiag_sim", "fgr/neg_sim_lift", "fgr/remote_frac",
+        "fgr/bytes_sent", "fgr/bytes_recv"}
 
 
 def build(lc=None, dropout=True):
@@ -53,6 +55,18 @@ def test_forward_backward_all_terms_with_teacher():
     missing = [n for n, p in obj.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert missing == []  # every parameter takes part (DDP/ZeRO need no unused-parameter handling)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("over", [dict(gcpr_weight=0.0), dict(fgr_negatives="topk", fgr_topk=2),
+                                  dict(fgr_negatives="mixed", fgr_false_negative_guard=True),
+                                  dict(fgr_softmax_temperature=0.2), dict(fgr_negative_scope="local")])
+def test_every_sampler_setting_trains(over):
+    """FGR's negatives drawn outside the GCPR pass (no GCPR, other strategies, own temperature, local scope)."""
+    obj, _ = build(tiny_loss_config(**over), dropout=False)
+    out = obj(tiny_batch(b=6, ids=[0, 0, 1, 2, 3, 3]), None, seed=3)
+    assert out["loss/fgr"].item() > 0 and set(out) == KEYS
+    assert 0.0 <= out["acc/itm_neg"].item() <= 1.0
+    out["loss"].backward()
 
 
 def test_zero_weights_skip_terms_and_no_teacher():

@@ -1,0 +1,134 @@
+"""Move only the chosen rows between ranks: the token exchange behind FGR's global hard negatives.
+
+Each rank asks for a few rows of the global batch by GLOBAL index (rank-major order of the gathered batch,
+the indices `sample_hard_negatives` returns). `fetch_rows` deduplicates the requests, serves the rows this rank
+owns by local indexing, and gets the others with one variable-count all-to-all per tensor: every rank sends
+exactly the rows other ranks asked it for. Nothing gathers whole token tensors, so a rank receives at most
+its number of distinct remote requests instead of (W - 1) x B_local rows.
+
+Per call: one all-to-all of counts (W int64 per rank) and one host sync on it (the split sizes are shapes),
+one all-to-all of the requested indices, then one all-to-all per feature tensor. The feature all-to-all is
+autograd-aware: its backward is the reverse all-to-all, and the gathered gradient rows are summed into the
+owner's rows (index_add via the indexing that built the send buffer), so gradients reach the owner's towers.
+
+Collective: every rank of `group` must call it, in the same order, even with zero requests (ZeRO and data
+parallelism keep ranks in lock-step anyway; an empty request list still takes part in every all-to-all).
+Tensors travel on their own device (CUDA for NCCL); no CPU tensor is created for a collective.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from r2d2ds.distributed import get_rank, get_world_size
+
+__all__ = ["RowExchange", "fetch_rows", "plan_row_exchange"]
+
+
+@dataclass
+class RowExchange:
+    """Who sends what to whom for one set of requests (the plan is reused for several tensors).
+
+    `inverse` (R,) maps each request to its row in `fetch`'s output; `local_rows` (U_local,) are local rows
+    this rank serves itself; `send_rows` are local rows other ranks asked for, grouped by destination rank;
+    counts are rows per rank (python ints: they are the all-to-all's split sizes)."""
+
+    inverse: torch.Tensor  # (R,) int64 into cat([local rows, received rows])
+    local_rows: torch.Tensor  # (U_local,) int64
+    send_rows: torch.Tensor  # (S,) int64, grouped by destination
+    send_counts: list[int]
+    recv_counts: list[int]
+    group: object = None
+
+    @property
+    def rows_received(self) -> int:
+        return sum(self.recv_counts)
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(self.send_counts)
+
+    def fetch(self, t: torch.Tensor) -> torch.Tensor:
+        """(R, ...) the requested rows of the distributed tensor whose local part is `t` (B_local, ...).
+
+        Differentiable: gradients of a remote row go back to its owner through the reverse all-to-all."""
+        recv = _AllToAllRows.apply(t.index_select(0, self.send_rows), self.send_counts, self.recv_counts,
+                                   self.group)
+        rows = torch.cat([t.index_select(0, self.local_rows), recv])  # (U, ...)
+        return rows.index_select(0, self.inverse)
+
+
+def plan_row_exchange(global_idx: torch.Tensor, sizes: list[int], group=None) -> RowExchange:
+    """Plan the exchange of the rows `global_idx` (int64 (R,), every entry in [0, sum(sizes))).
+
+    `sizes`: rows held by each rank (rank order), e.g. from `collectives.gather_sizes`. Collective."""
+    world, rank, total = len(sizes), get_rank(group), sum(sizes)
+    device = global_idx.device
+    uniq, inverse = torch.unique(global_idx, sorted=True, return_inverse=True)  # sorted = grouped by owner
+    bad = ((uniq < 0) | (uniq >= total)).any().reshape(1).long()  # checked with the counts' one host sync
+    starts = torch.tensor(list(itertools.accumulate(sizes, initial=0)), device=device, dtype=torch.long)
+    owner = torch.bucketize(uniq, starts[1:], right=True)  # (U,) rank owning each unique row
+    mine = owner == rank
+    local_rows = uniq[mine] - starts[rank]
+    remote = uniq[~mine]
+    # The local rows come first in `fetch`'s buffer, then the received ones in (sorted) global order.
+    order = torch.cat([torch.nonzero(mine).flatten(), torch.nonzero(~mine).flatten()])
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=device)
+    inverse = pos[inverse]
+    if world == 1:
+        _check_range(bool(bad.item()), total)
+        return RowExchange(inverse, local_rows, local_rows[:0], [0], [0], group)
+
+    want = torch.bincount(owner[~mine].clamp(0, world - 1), minlength=world)  # (W,) rows asked of each rank
+    asked = torch.empty_like(want)
+    dist.all_to_all_single(asked, want, group=group)  # asked[r]: rows rank r wants from me
+    counts = torch.cat([want, asked, bad]).tolist()  # host sync: the split sizes below are shapes
+    _check_range(bool(counts[-1]), total)
+    recv_counts, send_counts = counts[:world], counts[world:2 * world]
+    asked_rows = remote.new_empty(sum(send_counts))
+    dist.all_to_all_single(asked_rows, remote.contiguous(), output_split_sizes=send_counts,
+                           input_split_sizes=recv_counts, group=group)
+    return RowExchange(inverse, local_rows, asked_rows - starts[rank], send_counts, recv_counts, group)
+
+
+def _check_range(bad: bool, total: int) -> None:
+    if bad:
+        raise ValueError(f"global row indices must be in [0, {total}) (the rows of the global batch)")
+
+
+def fetch_rows(global_idx: torch.Tensor, tensors: list[torch.Tensor], sizes: list[int],
+               group=None) -> tuple[list[torch.Tensor], RowExchange]:
+    """Rows `global_idx` of each distributed tensor (local parts `tensors`, all (B_local, ...)); collective."""
+    plan = plan_row_exchange(global_idx, sizes, group)
+    return [plan.fetch(t) for t in tensors], plan
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Variable-count all-to-all along dim 0; backward: the reverse all-to-all of the gradient rows."""
+
+    @staticmethod
+    def forward(ctx, send, send_counts, recv_counts, group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        return _all_to_all(send, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return _all_to_all(grad, recv_counts, send_counts, ctx.group), None, None, None
+
+
+def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    out = send.new_empty((sum(recv_counts), *send.shape[1:]))
+    if get_world_size(group) == 1:
+        return out.copy_(send)
+    # Split sizes count rows: flatten each row so the collective sees (rows, row_elems) contiguous memory.
+    row = math.prod(send.shape[1:])
+    dist.all_to_all_single(out.view(out.shape[0], row), send.contiguous().view(send.shape[0], row),
+                           output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    return out
