@@ -49,7 +49,9 @@ from torch import Tensor
 from r2d2ds.config import Config, ConfigError
 from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
 from r2d2ds.losses.distill import fgd_loss
-from r2d2ds.losses.fgr import itm_accuracy, pick_negatives, weighted_itm_loss
+from r2d2ds.distributed.collectives import gather_sizes, row_offset
+from r2d2ds.distributed.exchange import plan_row_exchange
+from r2d2ds.losses.fgr import fgr_group, itm_accuracy, pick_negatives, weighted_itm_loss
 from r2d2ds.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
 from r2d2ds.losses.objective import TERMS
 
@@ -146,8 +148,11 @@ class _Cache:
     g_scale: Tensor | None  # 0-dim
     masked_ids: Tensor | None  # (B, L) MLM/FgD inputs for the whole rank batch
     mlm_labels: Tensor | None
-    neg_txt: Tensor | None  # (B,) rank-batch row of each image's negative text, -1: none
+    neg_txt: Tensor | None  # (B,) GLOBAL index (over `group`) of each image's negative text, -1: none
     neg_img: Tensor | None
+    group: Any  # FGR's process group (None: the default group, the global batch)
+    sizes: list[int]  # rows per rank of `group`
+    offset: int  # global index of this rank's first row
     mlm_count: Tensor  # denominators of the rank-batch means (0-dim fp32)
     fgd_count: Tensor
     itm_weight: Tensor
@@ -201,7 +206,8 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice]) -> _Ca
             g_img, g_txt, g_scale = torch.autograd.grad(total, [xi, xt, s])
         terms = {k: v.detach() for k, v in terms.items()}
 
-    # The same generator draws, in the same order, as the objective's one-shot forward on this rank batch.
+    # The same draws as the objective's one-shot forward on this rank batch: masks from the step seed's
+    # generator, FGR's negatives from its own seed, fused into the GCPR pass under the same rule.
     gen = torch.Generator(device=device).manual_seed(int(seed))
     masked_ids = mlm_labels = neg_txt = neg_img = None
     mlm_count = fgd_count = itm_weight = itm_valid = zero
@@ -210,35 +216,56 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice]) -> _Ca
                                              obj.special_token_ids, gen)
         mlm_count = (mlm_labels != IGNORE_INDEX).sum().clamp_min(1).float()
         fgd_count = mask.float().sum().clamp_min(1.0)
+    group, sizes, offset = None, [ids.shape[0]], 0
     if f["fgr"]:
-        neg_txt, neg_img = pick_negatives(img_emb, txt_emb, scale, labels, gen, impl)
+        fgr_seed, fuse = obj.fgr_draw(seed)
+        group = fgr_group(lc.fgr_negative_scope)
+        sizes = gather_sizes(ids.shape[0], device, group)
+        offset = row_offset(sizes, group)
+        if fuse:  # the draw rides on a (no-grad) GCPR pass, exactly as in the one-shot forward
+            _, (neg_txt, neg_img) = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl, negatives_seed=fgr_seed)
+        else:
+            neg_txt, neg_img = pick_negatives(img_emb, txt_emb, scale, labels, fgr_seed, obj.sampling, group, impl)
         w_neg, w_pos = lc.fgr_class_weights
         n_valid = (neg_txt >= 0).sum() + (neg_img >= 0).sum()
         itm_weight = (ids.shape[0] * w_pos + w_neg * n_valid).float().clamp_min(1e-12)
         itm_valid = (ids.shape[0] + n_valid).float()
-    return _Cache(chunks, rng, g_img, g_txt, g_scale, masked_ids, mlm_labels, neg_txt, neg_img, mlm_count,
-                  fgd_count, itm_weight, itm_valid, scale, terms)
+        negs = torch.cat([neg_txt, neg_img])
+        ok = negs >= 0
+        remote = ok & ((negs < offset) | (negs >= offset + ids.shape[0]))
+        terms["remote_frac"] = remote.float().sum() / ok.float().sum().clamp_min(1.0)
+    return _Cache(chunks, rng, g_img, g_txt, g_scale, masked_ids, mlm_labels, neg_txt, neg_img, group, sizes,
+                  offset, mlm_count, fgd_count, itm_weight, itm_valid, scale, terms)
 
 
 # ---------------------------------------------------------------------------------------------- pass 2
-def _negative_tokens(encode, rows: Tensor, chunk: slice, chunk_tokens: Tensor, negatives: str):
-    """Tokens (B_c, ...) of rank-batch `rows` (B_c,) (-1: none) for the chunk: in-chunk rows from `chunk_tokens`,
-    the others re-embedded by `encode(rows) -> tokens` (with gradient unless detached)."""
-    rows = rows.clamp(min=0)  # -1 rows are masked out of the loss by `valid`; any partner keeps shapes static
-    inside = (rows >= chunk.start) & (rows < chunk.stop)
-    outside = torch.unique(rows[~inside])  # sorted; host sync (the shapes of the re-embedding), once per chunk
-    if negatives == "detached":
-        with torch.no_grad():
-            extra = encode(outside) if outside.numel() else None
-        pool = chunk_tokens.detach()
-    else:
-        extra = encode(outside) if outside.numel() else None
-        pool = chunk_tokens
-    if extra is not None:
-        pool = torch.cat([pool, extra])
-    idx = torch.where(inside, rows - chunk.start,
-                      chunk_tokens.shape[0] + torch.searchsorted(outside, rows.contiguous()))
-    return pool[idx]
+def _fetch_negatives(rows: Tensor, cache: _Cache, chunk: slice, inputs: list[Tensor]
+                     ) -> tuple[Tensor, list[Tensor]]:
+    """Where the negatives `rows` (B_c,) (GLOBAL indices, -1: none) of this chunk's anchors come from.
+
+    Returns idx (B_c,) into cat([this chunk's rows, U fetched rows]) and the U fetched rows of each raw input
+    (pixels, or ids and mask): every negative outside this chunk (another chunk, another rank) is fetched from
+    its owner with the FGR exchange plan (only the chosen rows travel; raw inputs need no autograd) to be
+    re-embedded here. Collective over the FGR group: every rank calls it once per chunk, in the same order,
+    with or without requests."""
+    start, stop = cache.offset + chunk.start, cache.offset + chunk.stop
+    own = torch.arange(start, stop, device=rows.device)
+    rows = torch.where(rows >= 0, rows, own)  # no negative: any partner keeps shapes static; `valid` masks it
+    inside = (rows >= start) & (rows < stop)
+    outside = torch.unique(rows[~inside])  # sorted; a host sync (the re-embedding's shape), once per chunk
+    plan = plan_row_exchange(outside, cache.sizes, cache.group)
+    idx = torch.where(inside, rows - start, (stop - start) + torch.searchsorted(outside, rows.contiguous()))
+    return idx, [plan.fetch(t) for t in inputs]
+
+
+def _negative_tokens(encode, raw: list[Tensor], idx: Tensor, chunk_tokens: Tensor, negatives: str) -> Tensor:
+    """Tokens of the negatives: this chunk's own tokens, or the fetched rows re-embedded by `encode(*raw)`,
+    with gradient ("reembed") or without ("detached", where in-chunk negatives are detached too)."""
+    grad = negatives == "reembed"
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        extra = encode(*raw) if raw[0].shape[0] else chunk_tokens[:0]
+    pool = chunk_tokens if grad else chunk_tokens.detach()
+    return torch.cat([pool, extra])[idx]
 
 
 def chunk_pass(obj, batch: dict, teacher, cache: _Cache, c: int, negatives: str) -> dict[str, Tensor]:
@@ -279,11 +306,13 @@ def chunk_pass(obj, batch: dict, teacher, cache: _Cache, c: int, negatives: str)
 
         if f["fgr"]:
             nt, ni = cache.neg_txt[sl], cache.neg_img[sl]
-            neg_txt_tok = _negative_tokens(lambda r: model.encode_text(ids[r], mask[r])[0],
-                                                  nt, sl, txt_tokens, negatives)
-            neg_img_tok = _negative_tokens(lambda r: model.encode_image(image[r])[0],
-                                              ni, sl, img_tokens, negatives)
-            neg_mask = mask[nt.clamp(min=0)]
+            t_idx, (t_ids, t_mask) = _fetch_negatives(nt, cache, sl, [ids, mask])
+            i_idx, (i_image,) = _fetch_negatives(ni, cache, sl, [image])
+            neg_txt_tok = _negative_tokens(lambda i, m: model.encode_text(i, m)[0], [t_ids, t_mask], t_idx,
+                                           txt_tokens, negatives)
+            neg_img_tok = _negative_tokens(lambda x: model.encode_image(x)[0], [i_image], i_idx, img_tokens,
+                                           negatives)
+            neg_mask = torch.cat([mask[sl], t_mask])[t_idx]
             img = torch.cat([img_tokens, img_tokens, neg_img_tok])  # (3 B_c, N, Wi)
             txt = torch.cat([txt_tokens, neg_txt_tok, txt_tokens])  # (3 B_c, L, Wt)
             pair_mask = torch.cat([mask[sl], neg_mask, mask[sl]])
@@ -340,7 +369,7 @@ class GradCache:
             engine.step()
             for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else v
-        terms = dict(cache.terms)
+        terms = {k: cache.terms[k] for k in TERMS}
         terms.update({k: v for k, v in sums.items() if k in terms})
         lc = engine.module.loss_cfg
         a = lc.tgd_alpha if teacher is not None and engine.module._tgd_on() else 0.0
@@ -349,5 +378,7 @@ class GradCache:
         out = {"loss": total.detach().float()}
         out.update({f"loss/{k}": v.float() for k, v in terms.items()})
         out["acc/itm"] = sums.get("acc", total.new_zeros(())).float()
+        if "remote_frac" in cache.terms:  # share of FGR negatives that live on other ranks (re-embedded here)
+            out["fgr/remote_frac"] = cache.terms["remote_frac"].float()
         out["logit_scale"] = cache.scale.float()
         return out

@@ -128,6 +128,9 @@ def _rank_fn(rank: int, world: int, batch: dict):
         obj, teacher = _build(FULL, dropout=False)
         res["full/ref/out"] = obj(local, teacher, SEED)
     res["full/detached"], _ = _gradcache(FULL, local, 3, negatives="detached")
+    local_scope = dict(FULL, fgr_negative_scope="local", fgr_negatives="topk", fgr_topk=3)  # the non-fused draw, one rank
+    res["local/ref"] = _reference(local_scope, local)
+    res["local/chunk3"], _ = _gradcache(local_scope, local, 3)
 
     # Dropout on: GradCache with RNG replay equals the chunked-with-graph step; without replay it does not.
     for name, loss in (("gcpr", GCPR), ("gcpr_tgd", GCPR_TGD)):
@@ -179,10 +182,16 @@ def test_full_loss_matches_one_step(chunk):
                 "model.itm_image_query.linear.weight", "model.mlm_head.decoder.weight",
                 "model.text_tower.body.embeddings.word_embeddings.weight"):
         assert want[key].abs().max() > 0, key
+    assert r[f"full/chunk{chunk}/out"]["fgr/remote_frac"] > 0  # negatives from the other rank are re-embedded
     # The logged terms are the rank batch's, equal to the one-shot objective's.
     out, ref = r[f"full/chunk{chunk}/out"], r["full/ref/out"]
     for k in ("loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
+
+
+def test_local_scope_and_non_fused_sampler_match_one_step():
+    r = _results()
+    _assert_grads_equal(r["local/chunk3"], r["local/ref"])
 
 
 def test_detached_negatives_drop_only_the_towers_gradient_through_negatives():
