@@ -47,10 +47,10 @@ import torch
 from torch import Tensor
 
 from r2d2ds.config import Config, ConfigError
-from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
-from r2d2ds.losses.distill import fgd_loss
 from r2d2ds.distributed.collectives import gather_sizes, row_offset
 from r2d2ds.distributed.exchange import plan_row_exchange
+from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
+from r2d2ds.losses.distill import fgd_loss
 from r2d2ds.losses.fgr import fgr_group, itm_accuracy, pick_negatives, weighted_itm_loss
 from r2d2ds.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
 from r2d2ds.losses.objective import TERMS

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from r2d2ds.config import LossConfig, ModelConfig
 from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss

@@ -128,7 +128,8 @@ def _rank_fn(rank: int, world: int, batch: dict):
         obj, teacher = _build(FULL, dropout=False)
         res["full/ref/out"] = obj(local, teacher, SEED)
     res["full/detached"], _ = _gradcache(FULL, local, 3, negatives="detached")
-    local_scope = dict(FULL, fgr_negative_scope="local", fgr_negatives="topk", fgr_topk=3)  # the non-fused draw, one rank
+    # FGR's local scope with the top-k sampler: the non-fused draw, negatives from this rank only
+    local_scope = dict(FULL, fgr_negative_scope="local", fgr_negatives="topk", fgr_topk=3)
     res["local/ref"] = _reference(local_scope, local)
     res["local/chunk3"], _ = _gradcache(local_scope, local, 3)
 
