@@ -8,9 +8,10 @@ MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so RSS follows the
   peak     = VmHWM during the timed steps (absolute: imports, model, optimizer state, inputs and the step)
   extra    = peak - VmRSS after one warm-up step (what the step itself adds on top of the resident state)
 
-"gradcache" = train.chunk_size rows per engine micro step (r2d2ds/losses/gradcache.py); "plain" = the one-shot
-objective on the whole rank batch in one micro step. Cases run interleaved (plain, gradcache at each size, the
-order alternating) so slow phases of the shared machine hit both modes; the ratios are the result.
+"gradcache" = train.chunk_size rows per engine micro step (r2d2ds/losses/gradcache.py), negatives from other
+chunks re-embedded with gradient (exact); "gradcache-detached" = the same with train.gradcache_negatives=detached;
+"plain" = the one-shot objective on the whole rank batch in one micro step. Cases run interleaved (the three
+modes at each size, the order alternating) so slow phases of the shared machine hit every mode; read the ratios.
 
     python benchmarks/bench_gradcache.py                      # 64 .. 1024 -> benchmarks/results/cpu/
     python benchmarks/bench_gradcache.py --sizes 64 128 --out scratch/
@@ -83,13 +84,13 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
     teacher = make_teacher(obj.model)
     rows = global_batch // world
     plan = BatchPlan(global_batch=global_batch, world=world, grad_accum=1, rank_batch=rows,
-                     chunk_size=chunk if mode == "gradcache" else 0)
+                     chunk_size=chunk if mode.startswith("gradcache") else 0)
     ds = {"train_micro_batch_size_per_gpu": plan.engine_micro_batch, "gradient_accumulation_steps": plan.engine_accum,
           "train_batch_size": plan.engine_micro_batch * plan.engine_accum * world, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=obj, optimizer=opt, config=ds)
-    gradcache = GradCache(plan) if plan.gradcache else None
+    gradcache = GradCache(plan, "detached" if mode == "gradcache-detached" else "reembed") if plan.gradcache else None
     batch = _batch(rows, rank)
 
     def step(i: int) -> float:
@@ -120,9 +121,12 @@ def _rank(rank: int, world: int, port: int, cases: list, chunk: int, steps: int,
     previous case's tensors are freed (and returned to the OS) before the next one's baseline is read."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import warnings
+
     import torch
     import torch.distributed as dist
 
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     with open(os.path.join(outdir, f"{rank}.jsonl"), "w") as f:
@@ -156,7 +160,7 @@ def run_cases(cases: list, chunk: int, steps: int, world: int) -> list[dict]:
     for i, (mode, global_batch) in enumerate(cases):
         ranks = [per_rank[r][i] for r in range(world)]
         rows.append({"mode": mode, "global_batch": global_batch, "rank_batch": global_batch // world,
-                     "chunk": chunk if mode == "gradcache" else None, "ranks": ranks,
+                     "chunk": chunk if mode.startswith("gradcache") else None, "ranks": ranks,
                      "peak_mib": max(x["peak_mib"] for x in ranks), "extra_mib": max(x["extra_mib"] for x in ranks),
                      "step_s": max(x["step_s"] for x in ranks)})
     return rows
@@ -200,6 +204,9 @@ def summary(rows: list[dict]) -> dict:
     out["gradcache_peak_growth"] = gc_[hi]["peak_mib"] / gc_[lo]["peak_mib"]
     out["plain_peak_growth"] = plain[hi]["peak_mib"] / plain[lo]["peak_mib"]
     out["time_ratio"] = {b: gc_[b]["step_s"] / plain[b]["step_s"] for b in sizes}
+    det = {r["global_batch"]: r for r in ok if r["mode"] == "gradcache-detached"}
+    out["time_ratio_detached"] = {b: det[b]["step_s"] / plain[b]["step_s"] for b in sizes if b in det}
+    out["peak_ratio_detached"] = {b: det[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes if b in det}
     out["peak_ratio"] = {b: gc_[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes}
     # Per-rank memory model from the measured points: the plain step's extra memory per sample (activations),
     # and GradCache's per-sample slope (inputs, O(B*D) caches) plus its intercept (one chunk's activations).
@@ -238,10 +245,14 @@ def markdown(meta: dict, rows: list[dict], s: dict, chunk: int, world: int) -> s
         worst_t = max(s["time_ratio"].values())
         lines += [
             "",
-            "| global batch | GradCache / plain time | GradCache / plain peak |",
-            "|---:|---:|---:|",
+            "| global batch | GradCache / plain time | GradCache / plain peak | detached / plain time | "
+            "detached / plain peak |",
+            "|---:|---:|---:|---:|---:|",
         ]
-        lines += [f"| {b} | {s['time_ratio'][b]:.2f} | {s['peak_ratio'][b]:.2f} |" for b in s["sizes"]]
+        td, pd = s.get("time_ratio_detached", {}), s.get("peak_ratio_detached", {})
+        lines += [f"| {b} | {s['time_ratio'][b]:.2f} | {s['peak_ratio'][b]:.2f} | "
+                  f"{td[b] if b in td else float('nan'):.2f} | {pd[b] if b in pd else float('nan'):.2f} |"
+                  for b in s["sizes"]]
         lines += [
             "",
             f"Targets (issue 10): GradCache peak growth from global batch {lo} to {hi}: x"
@@ -263,11 +274,18 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (best is kept)")
     p.add_argument("--world", type=int, default=2)
+    p.add_argument("--render", metavar="JSON", help="print the markdown table of a saved JSON and exit")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
+    if args.render:  # re-render an existing JSON (no measurement)
+        with open(args.render) as f:
+            saved = json.load(f)
+        print(markdown(saved["meta"], saved["rows"], summary(saved["rows"]), saved["chunk"], saved["world"]))
+        return
     cases = []
     for i, b in enumerate(args.sizes):  # interleaved, the order alternating per size
-        cases += [("plain", b), ("gradcache", b)] if i % 2 == 0 else [("gradcache", b), ("plain", b)]
+        modes = ["plain", "gradcache", "gradcache-detached"]
+        cases += [(m, b) for m in (modes if i % 2 == 0 else modes[::-1])]
     rows = run_cases(cases, args.chunk, args.steps, args.world)
     meta = versions()
     s = summary(rows)
