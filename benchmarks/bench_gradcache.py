@@ -259,7 +259,8 @@ def markdown(meta: dict, rows: list[dict], s: dict, chunk: int, world: int) -> s
             f"{s['gradcache_peak_growth']:.2f} (target <= 1.3: "
             f"{'met' if s['gradcache_peak_growth'] <= 1.3 else 'NOT met'}; plain: x{s['plain_peak_growth']:.2f}). "
             f"Step time GradCache / plain at most {worst_t:.2f} (target <= 1.5: "
-            f"{'met' if worst_t <= 1.5 else 'NOT met'}).",
+            f"{'met' if worst_t <= 1.5 else 'NOT met'}); with detached negatives at most "
+            f"{max(td.values()) if td else float('nan'):.2f}.",
             f"Per-rank memory model fitted on these points (extra = a + b x rank batch): plain b = "
             f"{s['plain_extra_mib_per_sample']:.2f} MiB/sample (activations of the whole batch); GradCache b = "
             f"{s['gradcache_extra_mib_per_sample']:.3f} MiB/sample (inputs and O(B x D) caches), a = "
