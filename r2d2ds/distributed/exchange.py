@@ -6,8 +6,9 @@ owns by local indexing, and gets the others with one variable-count all-to-all p
 exactly the rows other ranks asked it for. Nothing gathers whole token tensors, so a rank receives at most
 its number of distinct remote requests instead of (W - 1) x B_local rows.
 
-Per call: one all-to-all of counts (W int64 per rank) and one host sync on it (the split sizes are shapes),
-one all-to-all of the requested indices, then one all-to-all per feature tensor. The feature all-to-all is
+Planning (for one or several sets of requests together): one all-to-all of counts (W x K int64 per rank) and
+one host sync on it (the split sizes are shapes; on GPU torch.unique's output size syncs too), one all-to-all
+of the requested indices; then one all-to-all per feature tensor. The feature all-to-all is
 autograd-aware: its backward is the reverse all-to-all, and the gathered gradient rows are summed into the
 owner's rows (index_add via the indexing that built the send buffer), so gradients reach the owner's towers.
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from r2d2ds.distributed import get_rank, get_world_size
 
-__all__ = ["RowExchange", "fetch_rows", "plan_row_exchange"]
+__all__ = ["RowExchange", "fetch_rows", "plan_row_exchange", "plan_row_exchanges"]
 
 
 @dataclass
@@ -67,34 +68,53 @@ def plan_row_exchange(global_idx: torch.Tensor, sizes: list[int], group=None) ->
     """Plan the exchange of the rows `global_idx` (int64 (R,), every entry in [0, sum(sizes))).
 
     `sizes`: rows held by each rank (rank order), e.g. from `collectives.gather_sizes`. Collective."""
-    world, rank, total = len(sizes), get_rank(group), sum(sizes)
-    device = global_idx.device
-    uniq, inverse = torch.unique(global_idx, sorted=True, return_inverse=True)  # sorted = grouped by owner
-    bad = ((uniq < 0) | (uniq >= total)).any().reshape(1).long()  # checked with the counts' one host sync
+    return plan_row_exchanges([global_idx], sizes, group)[0]
+
+
+def plan_row_exchanges(index_sets: list[torch.Tensor], sizes: list[int], group=None) -> list[RowExchange]:
+    """One plan per set of global row indices (e.g. FGR's negative texts and negative images), negotiated
+    together: one all-to-all of counts (W x K int64) with one host sync, one all-to-all of the requested ids."""
+    world, rank, total, k_sets = len(sizes), get_rank(group), sum(sizes), len(index_sets)
+    device = index_sets[0].device
     starts = torch.tensor(list(itertools.accumulate(sizes, initial=0)), device=device, dtype=torch.long)
-    owner = torch.bucketize(uniq, starts[1:], right=True)  # (U,) rank owning each unique row
-    mine = owner == rank
-    local_rows = uniq[mine] - starts[rank]
-    remote = uniq[~mine]
-    # The local rows come first in `fetch`'s buffer, then the received ones in (sorted) global order.
-    order = torch.cat([torch.nonzero(mine).flatten(), torch.nonzero(~mine).flatten()])
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=device)
-    inverse = pos[inverse]
+    local, remote, bad = [], [], []
+    for idx in index_sets:
+        # torch.unique sorts, so the remote rows come grouped by owner rank (and its output size syncs on GPU).
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        bad.append(((uniq < 0) | (uniq >= total)).any().reshape(1).long())
+        owner = torch.bucketize(uniq, starts[1:], right=True)  # (U,) rank owning each unique row
+        mine = owner == rank
+        # `fetch`'s buffer: the local rows first, then the received ones in (sorted) global order.
+        order = torch.cat([torch.nonzero(mine).flatten(), torch.nonzero(~mine).flatten()])
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(order.numel(), device=device)
+        local.append((pos[inverse], uniq[mine] - starts[rank]))
+        remote.append((uniq[~mine], owner[~mine].clamp(0, world - 1)))
+    bad = torch.cat(bad).amax(0, keepdim=True)
     if world == 1:
         _check_range(bool(bad.item()), total)
-        return RowExchange(inverse, local_rows, local_rows[:0], [0], [0], group)
+        return [RowExchange(inv, rows, rows[:0], [0], [0], group) for inv, rows in local]
 
-    want = torch.bincount(owner[~mine].clamp(0, world - 1), minlength=world)  # (W,) rows asked of each rank
+    want = torch.stack([torch.bincount(o, minlength=world) for _, o in remote], dim=1)  # (W, K) rows I ask r
     asked = torch.empty_like(want)
-    dist.all_to_all_single(asked, want, group=group)  # asked[r]: rows rank r wants from me
-    counts = torch.cat([want, asked, bad]).tolist()  # host sync: the split sizes below are shapes
+    dist.all_to_all_single(asked, want, group=group)  # asked[r, k]: rows of set k that rank r asks of me
+    counts = torch.cat([want.flatten(), asked.flatten(), bad]).tolist()  # host sync: split sizes are shapes
     _check_range(bool(counts[-1]), total)
-    recv_counts, send_counts = counts[:world], counts[world:2 * world]
-    asked_rows = remote.new_empty(sum(send_counts))
-    dist.all_to_all_single(asked_rows, remote.contiguous(), output_split_sizes=send_counts,
-                           input_split_sizes=recv_counts, group=group)
-    return RowExchange(inverse, local_rows, asked_rows - starts[rank], send_counts, recv_counts, group)
+    want_l = [counts[r * k_sets:(r + 1) * k_sets] for r in range(world)]
+    asked_l = [counts[(world + r) * k_sets:(world + r + 1) * k_sets] for r in range(world)]
+    # One id all-to-all for every set: to rank r go [set 0's ids owned by r, set 1's, ...].
+    pieces = [torch.split(ids, [want_l[r][k] for r in range(world)]) for k, (ids, _) in enumerate(remote)]
+    send_ids = torch.cat([pieces[k][r] for r in range(world) for k in range(k_sets)])
+    recv_ids = send_ids.new_empty(sum(map(sum, asked_l)))
+    dist.all_to_all_single(recv_ids, send_ids, output_split_sizes=[sum(a) for a in asked_l],
+                           input_split_sizes=[sum(w) for w in want_l], group=group)
+    got = torch.split(recv_ids - starts[rank], [a for r in range(world) for a in asked_l[r]])
+    plans = []
+    for k, (inv, rows) in enumerate(local):
+        send_rows = torch.cat([got[r * k_sets + k] for r in range(world)])
+        plans.append(RowExchange(inv, rows, send_rows, [asked_l[r][k] for r in range(world)],
+                                 [want_l[r][k] for r in range(world)], group))
+    return plans
 
 
 def _check_range(bad: bool, total: int) -> None:

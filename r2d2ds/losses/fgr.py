@@ -24,7 +24,7 @@ from torch import Tensor
 
 from r2d2ds.distributed import all_reduce_sum, get_world_size, local_group
 from r2d2ds.distributed.collectives import gather_sizes, row_offset
-from r2d2ds.distributed.exchange import plan_row_exchange
+from r2d2ds.distributed.exchange import plan_row_exchanges
 from r2d2ds.losses.negatives import NegativeSampling, sample_negatives
 from r2d2ds.models.r2d2 import R2D2
 
@@ -70,8 +70,7 @@ def build_itm_pairs(img_tokens: Tensor, txt_tokens: Tensor, attention_mask: Tens
     own = torch.arange(off, off + b, device=dev)
     nt = torch.where(neg_txt_for_img >= 0, neg_txt_for_img, own)
     ni = torch.where(neg_img_for_txt >= 0, neg_img_for_txt, own)
-    txt_plan = plan_row_exchange(nt, sizes, group)
-    img_plan = plan_row_exchange(ni, sizes, group)
+    txt_plan, img_plan = plan_row_exchanges([nt, ni], sizes, group)  # one counts all-to-all for both
     neg_txt, neg_mask = txt_plan.fetch(txt_tokens), txt_plan.fetch(attention_mask)
     neg_img = img_plan.fetch(img_tokens)
 
@@ -82,8 +81,8 @@ def build_itm_pairs(img_tokens: Tensor, txt_tokens: Tensor, attention_mask: Tens
     valid = torch.cat([torch.ones(b, dtype=torch.bool, device=dev), neg_txt_for_img >= 0, neg_img_for_txt >= 0])
 
     # Counters (detached). Bytes: token features + mask rows that crossed ranks (ids and counts excluded).
-    txt_row = txt_tokens[0].numel() * txt_tokens.element_size() + attention_mask[0].numel() * \
-        attention_mask.element_size() if b else 0
+    txt_row = (txt_tokens[0].numel() * txt_tokens.element_size()
+               + attention_mask[0].numel() * attention_mask.element_size()) if b else 0
     img_row = img_tokens[0].numel() * img_tokens.element_size() if b else 0
     sent = txt_plan.rows_sent * txt_row + img_plan.rows_sent * img_row
     recv = txt_plan.rows_received * txt_row + img_plan.rows_received * img_row

@@ -41,9 +41,9 @@ def _sampler_rank(rank: int, world: int, names: list[str]):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_global_draws_follow_the_exact_masked_global_distribution(world):
-    names = SAMPLER_CASES if world == 2 else ["softmax"]
+    names = SAMPLER_NAMES[world]
     results = [r["sampler"] for r in _results(world)]
     img, txt, ids = data(B_LOCAL * world, D, seed=5, n_ids=8)
     for name in names:
@@ -54,7 +54,7 @@ def test_global_draws_follow_the_exact_masked_global_distribution(world):
         assert_follows(c_i, p_i, DRAWS)
         assert all(r[name][2] for r in results), "same seed, different draws"
         # Every rank drew from the other ranks' columns too (not a local sampler).
-        for rank in range(world):
+        for rank in range(world if world > 1 else 0):
             own = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
             assert results[rank][name][0].sum() > results[rank][name][0][:, own].sum()
 
@@ -94,7 +94,7 @@ def _exchange_rank(rank: int, world: int, pattern: str):
 @pytest.mark.parametrize("world,pattern", [(1, "random"), (2, "random"), (2, "skewed"), (3, "skewed"),
                                            (3, "unequal")])
 def test_exchange_returns_owner_rows_and_routes_gradients_back(world, pattern):
-    results = [_exchange_rank(0, 1, pattern)] if world == 1 else [r["exchange"][pattern] for r in _results(world)]
+    results = [r["exchange"][pattern] for r in _results(world)]
     tokens, mask = _token_table(B_LOCAL * world)
     ref = tokens.clone().requires_grad_(True)
     total = 0
@@ -168,7 +168,7 @@ def _reference_fgr(batch: dict, world: int, negs: list):
     return losses, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_fgr_gradients_reach_owner_towers_like_one_process(world):
     batch = _fgr_batch(world)
     results = [r["fgr"] for r in _results(world)]
@@ -201,12 +201,13 @@ def _fgr_batch(world: int) -> dict:
     return tiny_batch(b=4 * world, length=10, ids=IDS[:4 * world])
 
 
-PATTERNS = {2: ["random", "skewed"], 3: ["skewed", "unequal"]}
+PATTERNS = {1: ["random"], 2: ["random", "skewed"], 3: ["skewed", "unequal"]}
+SAMPLER_NAMES = {1: ["mixed_guard"], 2: SAMPLER_CASES, 3: ["softmax"]}
 
 
 def _rank_fn(rank: int, world: int):
     """Everything a world size checks, in one spawn (starting ranks costs seconds of imports each)."""
-    return {"sampler": _sampler_rank(rank, world, SAMPLER_CASES if world == 2 else ["softmax"]),
+    return {"sampler": _sampler_rank(rank, world, SAMPLER_NAMES[world]),
             "exchange": {p: _exchange_rank(rank, world, p) for p in PATTERNS[world]},
             "fgr": _fgr_rank(rank, world, _fgr_batch(world))}
 
@@ -221,7 +222,7 @@ def _results(world: int) -> list:
 
 
 def test_single_process_fgr_uses_no_exchange():
-    """World 1 (no process group): the same code path, global indices are local ones, zero bytes moved."""
+    """No process group at all: the same code path, global indices are local ones, zero bytes moved."""
     from r2d2ds.losses.fgr import fgr_loss
 
     m = _model()
