@@ -48,7 +48,7 @@ from torch import Tensor
 
 from r2d2ds.config import Config, ConfigError
 from r2d2ds.distributed.collectives import gather_sizes, row_offset
-from r2d2ds.distributed.exchange import plan_row_exchange
+from r2d2ds.distributed.exchange import plan_row_exchanges
 from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
 from r2d2ds.losses.distill import fgd_loss
 from r2d2ds.losses.fgr import fgr_group, itm_accuracy, pick_negatives, weighted_itm_loss
@@ -239,23 +239,19 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice]) -> _Ca
 
 
 # ---------------------------------------------------------------------------------------------- pass 2
-def _fetch_negatives(rows: Tensor, cache: _Cache, chunk: slice, inputs: list[Tensor]
-                     ) -> tuple[Tensor, list[Tensor]]:
+def _negative_rows(rows: Tensor, cache: _Cache, chunk: slice) -> tuple[Tensor, Tensor]:
     """Where the negatives `rows` (B_c,) (GLOBAL indices, -1: none) of this chunk's anchors come from.
 
-    Returns idx (B_c,) into cat([this chunk's rows, U fetched rows]) and the U fetched rows of each raw input
-    (pixels, or ids and mask): every negative outside this chunk (another chunk, another rank) is fetched from
-    its owner with the FGR exchange plan (only the chosen rows travel; raw inputs need no autograd) to be
-    re-embedded here. Collective over the FGR group: every rank calls it once per chunk, in the same order,
-    with or without requests."""
+    Returns idx (B_c,) into cat([this chunk's rows, the U rows of `outside`]) and `outside` (U,), the sorted
+    global indices outside this chunk (another chunk, another rank): those are fetched from their owners (raw
+    inputs, FGR's exchange plan) and re-embedded here."""
     start, stop = cache.offset + chunk.start, cache.offset + chunk.stop
     own = torch.arange(start, stop, device=rows.device)
     rows = torch.where(rows >= 0, rows, own)  # no negative: any partner keeps shapes static; `valid` masks it
     inside = (rows >= start) & (rows < stop)
     outside = torch.unique(rows[~inside])  # sorted; a host sync (the re-embedding's shape), once per chunk
-    plan = plan_row_exchange(outside, cache.sizes, cache.group)
     idx = torch.where(inside, rows - start, (stop - start) + torch.searchsorted(outside, rows.contiguous()))
-    return idx, [plan.fetch(t) for t in inputs]
+    return idx, outside
 
 
 def _negative_tokens(encode, raw: list[Tensor], idx: Tensor, chunk_tokens: Tensor, negatives: str) -> Tensor:
@@ -306,8 +302,11 @@ def chunk_pass(obj, batch: dict, teacher, cache: _Cache, c: int, negatives: str)
 
         if f["fgr"]:
             nt, ni = cache.neg_txt[sl], cache.neg_img[sl]
-            t_idx, (t_ids, t_mask) = _fetch_negatives(nt, cache, sl, [ids, mask])
-            i_idx, (i_image,) = _fetch_negatives(ni, cache, sl, [image])
+            (t_idx, t_rows), (i_idx, i_rows) = _negative_rows(nt, cache, sl), _negative_rows(ni, cache, sl)
+            # Collective over the FGR group: every rank plans once per chunk, in the same order, even with no
+            # requests. Raw inputs travel (pixels, ids, mask), only the chosen rows, no autograd.
+            t_plan, i_plan = plan_row_exchanges([t_rows, i_rows], cache.sizes, cache.group)
+            t_ids, t_mask, i_image = t_plan.fetch(ids), t_plan.fetch(mask), i_plan.fetch(image)
             neg_txt_tok = _negative_tokens(lambda i, m: model.encode_text(i, m)[0], [t_ids, t_mask], t_idx,
                                            txt_tokens, negatives)
             neg_img_tok = _negative_tokens(lambda x: model.encode_image(x)[0], [i_image], i_idx, img_tokens,
