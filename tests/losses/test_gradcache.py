@@ -115,6 +115,24 @@ def _gradcache(loss: dict, batch: dict, chunk: int, dropout: bool = False, negat
     return _averaged_grads(obj), out
 
 
+def _accumulated(loss: dict, batch: dict, chunk: int) -> tuple[dict, dict]:
+    """train.grad_accum = 2: two GradCache passes of 4 rows per optimizer step vs two one-shot micro steps
+    (each engine.backward divided by the accumulation steps, as DeepSpeed does)."""
+    from r2d2ds.losses.gradcache import BatchPlan, GradCache
+
+    halves = [{k: v[i * 4:(i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+    obj, teacher = _build(loss, dropout=False)
+    for i, half in enumerate(halves):
+        (obj(half, teacher, SEED + i)["loss"] / 2).backward()
+    ref = _averaged_grads(obj)
+    obj, teacher = _build(loss, dropout=False)
+    plan = BatchPlan(global_batch=2 * ROWS, world=2, grad_accum=2, rank_batch=4, chunk_size=chunk)
+    gc = GradCache(plan)
+    for i, half in enumerate(halves):
+        gc.step(_Engine(obj), half, teacher, SEED + i)
+    return ref, _averaged_grads(obj)
+
+
 def _rank_fn(rank: int, world: int, batch: dict):
     torch.set_num_threads(1)
     local = {k: v[rank * ROWS:(rank + 1) * ROWS] for k, v in batch.items()}
@@ -128,6 +146,7 @@ def _rank_fn(rank: int, world: int, batch: dict):
         obj, teacher = _build(FULL, dropout=False)
         res["full/ref/out"] = obj(local, teacher, SEED)
     res["full/detached"], _ = _gradcache(FULL, local, 3, negatives="detached")
+    res["accum/ref"], res["accum/gc"] = _accumulated(FULL, local, 3)
     # FGR's local scope with the top-k sampler: the non-fused draw, negatives from this rank only
     local_scope = dict(FULL, fgr_negative_scope="local", fgr_negatives="topk", fgr_topk=3)
     res["local/ref"] = _reference(local_scope, local)
@@ -188,6 +207,11 @@ def test_full_loss_matches_one_step(chunk):
     out, ref = r[f"full/chunk{chunk}/out"], r["full/ref/out"]
     for k in ("loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
+
+
+def test_two_passes_per_step_match_two_accumulated_micro_steps():
+    r = _results()
+    _assert_grads_equal(r["accum/gc"], r["accum/ref"])
 
 
 def test_local_scope_and_non_fused_sampler_match_one_step():
