@@ -17,10 +17,13 @@ One optimizer step over a rank batch of B rows, cut into chunks of `chunk_size` 
     contributes its SUM divided by the rank batch's denominator, counted in pass 1, so the chunk losses add up
     to the one-shot loss exactly.
 
-Negatives that live in another chunk ("reembed", the default) are run through the towers again inside the chunk,
-with gradient: the towers receive exactly the gradient they get through the negatives' tokens in the one-shot
-step. "detached" runs them (and in-chunk negatives) without gradient: cheaper (no backward through, and no
-activations kept for, up to 2 B_c extra tower rows per chunk), and it DROPS the gradient of FGR w.r.t. the tower
+Negatives that live in another chunk or on another rank ("reembed", the default) are run through the towers again
+inside the chunk, with gradient, from their raw inputs (fetched from the owner rank with FGR's exchange plan,
+r2d2ds/distributed/exchange.py): the towers receive exactly the gradient they get through the negatives' tokens in
+the one-shot step (there it reaches the owner's replica through the all-to-all's backward; here this rank's
+replica; the data-parallel average makes them the same). "detached" runs them (and in-chunk negatives) without
+gradient: cheaper (no backward through, and no activations kept for, up to 2 B_c extra tower rows per chunk),
+and it DROPS the gradient of FGR w.r.t. the tower
 parameters through the negative side of each negative pair (the image tower through negative images, the text
 tower through negative texts); the cross encoders, heads and the positive sides keep their exact gradients.
 With dropout on, a re-embedded negative draws its own dropout mask (the one-shot step reuses its row's mask).
