@@ -183,6 +183,13 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"
     steps: int = 1000
     grad_accum: int = 1
+    # Global batch per optimizer step; 0: data.micro_batch x grad_accum x world. When set, the trainer derives
+    # the per-rank batch (global_batch / (world x grad_accum)) and data.micro_batch is not used.
+    global_batch: int = 0
+    # GradCache (r2d2ds/losses/gradcache.py): > 0 embeds each rank batch in chunks of this many rows and
+    # back-propagates chunk by chunk, so activation memory follows chunk_size, not the batch. 0: off.
+    chunk_size: int = 0
+    gradcache_negatives: str = "reembed"  # FGR negatives from other chunks: reembed (exact) | detached
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup_steps: int = 100
@@ -203,6 +210,10 @@ class TrainConfig:
         _nonempty(self, "train", "run_dir", "ds_config")
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.global_batch >= 0, "train.global_batch", f"must be >= 0 (0: derived), got {self.global_batch}")
+        _check(self.chunk_size >= 0, "train.chunk_size", f"must be >= 0 (0: GradCache off), got {self.chunk_size}")
+        _check(self.gradcache_negatives in ("reembed", "detached"), "train.gradcache_negatives",
+               f"must be 'reembed' or 'detached', got {self.gradcache_negatives!r}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.min_lr >= 0, "train.min_lr", f"must be >= 0, got {self.min_lr}")
         _check_keys(self.min_lr <= self.lr, ("train.min_lr", "train.lr"), "need min_lr <= lr")

@@ -47,12 +47,15 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         from r2d2ds.data import TrainStream
+        from r2d2ds.losses.gradcache import GradCache, plan_batch
         from r2d2ds.losses.objective import R2D2Pretraining
         from r2d2ds.models.ema import make_teacher
 
         self.cfg = cfg
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         self.rank, self.world = rd.get_rank(), rd.get_world_size()
+        # The batch plan: per-rank batch from train.global_batch, GradCache chunks as engine micro steps.
+        self.plan = plan_batch(cfg, self.world)
         self.run_dir = Path(cfg.train.run_dir)
         if rd.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,8 @@ class Trainer:
                                  mask_token_id=self.tokenizer.mask_token_id, special_token_ids=specials)
         self.teacher = make_teacher(module.model) if module.uses_teacher() else None
 
-        self.ds_config = fill_ds_config(cfg, self.world, run_dir=str(self.run_dir))
+        self.gradcache = GradCache(self.plan, cfg.train.gradcache_negatives) if self.plan.gradcache else None
+        self.ds_config = fill_ds_config(self.plan.engine_config(cfg), self.world, run_dir=str(self.run_dir))
         self.engine = build_engine(module, cfg, self.ds_config)
         self.device = self.engine.device
         if self.teacher is not None:
@@ -78,7 +82,8 @@ class Trainer:
         # Dropout streams differ per rank (different data); the model init above was shared.
         seed_everything(cfg.train.seed * 7919 + self.rank)
 
-        self.stream = TrainStream(cfg.data, self.tokenizer, rank=self.rank, world=self.world, seed=cfg.train.seed)
+        self.stream = TrainStream(self.plan.data_config(cfg).data, self.tokenizer, rank=self.rank, world=self.world,
+                                  seed=cfg.train.seed)
         self.step = 0
         self.samples_seen = 0
         self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None))
@@ -149,19 +154,23 @@ class Trainer:
             ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
 
     def train_step(self, batches) -> None:
-        accum = self.cfg.train.grad_accum
+        accum = self.plan.grad_accum
         for micro in range(accum):
             batch = next(batches)
             skipped = int(batch.pop("skipped", 0))
             batch.pop("key", None)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self._autocast():
-                out = self.engine(batch, self.teacher, step_seed(self.cfg.train.seed, self.step, micro, self.rank))
-            self.engine.backward(out["loss"])
-            self.engine.step()
+            seed = step_seed(self.cfg.train.seed, self.step, micro, self.rank)
+            if self.gradcache is not None:  # one engine micro step (forward, backward, step) per chunk
+                out = self.gradcache.step(self.engine, batch, self.teacher, seed, autocast=self._autocast)
+            else:
+                with self._autocast():
+                    out = self.engine(batch, self.teacher, seed)
+                self.engine.backward(out["loss"])
+                self.engine.step()
             self.logger.accumulate(out, samples=batch["image"].shape[0], skipped=skipped)
         self.step += 1
-        self.samples_seen += self.cfg.data.micro_batch * accum * self.world
+        self.samples_seen += self.plan.global_batch
         if self.teacher is not None:
             self._ema_update()
 

@@ -13,8 +13,11 @@ masked-text pass is shared by MLM and FgD.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from r2d2ds.config import LossConfig, ModelConfig
 from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
@@ -47,7 +50,23 @@ class R2D2Pretraining(nn.Module):
         """Whether any term (TgD, FgD) needs the EMA teacher: the trainer builds one only then."""
         return self._tgd_on() or self.loss_cfg.fgd_weight > 0
 
-    def forward(self, batch: dict, teacher: R2D2 | None, seed: int) -> dict[str, Tensor]:
+    def fgr_draw(self, seed: int) -> tuple[int, bool]:
+        """(FGR's sampling seed: its own stream of the step seed, whether the draw is fused into GCPR).
+
+        The released softmax draw at the learned temperature comes out of the GCPR pass itself (one pass over
+        the global similarity matrix instead of two); other strategies sample in FGR. GradCache's embedding
+        pass follows the same rule, so both draw the same negatives."""
+        lc = self.loss_cfg
+        fuse = (lc.fgr_weight > 0 and lc.gcpr_weight > 0 and self.sampling.uses_kernel()
+                and self.sampling.temperature == 0 and lc.fgr_negative_scope == "global"
+                and self.model_cfg.contrastive_impl != "reference")
+        return (int(seed) * 0x2545F491 + 0x1F) % (1 << 62), fuse
+
+    def forward(self, batch: dict, teacher: R2D2 | None, seed: int, run: Callable | None = None) -> Any:
+        """The loss terms of `batch`. `run(self, batch, teacher, seed)`, when given, replaces the one-shot
+        objective (GradCache's passes, r2d2ds.losses.gradcache) so it, too, runs inside the engine's forward."""
+        if run is not None:
+            return run(self, batch, teacher, seed)
         lc, impl = self.loss_cfg, self.model_cfg.contrastive_impl
         model = self.model
         image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
@@ -67,12 +86,7 @@ class R2D2Pretraining(nn.Module):
         terms = dict.fromkeys(TERMS, zero)
         fgr_stats = {"acc/itm": zero}
         use_fgr = lc.fgr_weight > 0
-        fgr_seed = (int(seed) * 0x2545F491 + 0x1F) % (1 << 62)  # FGR's draw: its own stream of the step seed
-        # The released softmax draw at the learned temperature comes out of the GCPR pass itself (one pass
-        # over the global similarity matrix instead of two); other strategies sample in FGR.
-        fuse_draw = (use_fgr and lc.gcpr_weight > 0 and self.sampling.uses_kernel()
-                     and self.sampling.temperature == 0 and lc.fgr_negative_scope == "global"
-                     and impl != "reference")
+        fgr_seed, fuse_draw = self.fgr_draw(seed)
         negatives = None
 
         if use_tgd or use_fgd:

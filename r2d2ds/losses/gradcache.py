@@ -1,0 +1,386 @@
+"""GradCache (Gao et al., 2021) for R2D2: global batches far beyond one micro step's activation memory, with the
+same parameter gradients as one step on the whole batch.
+
+One optimizer step over a rank batch of B rows, cut into chunks of `chunk_size` rows:
+
+  pass 1 (one engine forward, no grad): per chunk, save the CPU/CUDA RNG states, run both towers (and the EMA
+    teacher's towers for TgD) -> (B, D) embeddings. On them: GCPR/TgD over the GLOBAL batch (the fused O(B*D)
+    `contrastive_loss`) and their gradient w.r.t. the local embeddings and the logit scale, cached
+    (B, D) + (B, D) + 1 floats; the MLM masks and the FGR hard negatives for the whole rank batch, drawn in the
+    same generator order as the objective's one-shot forward, so both pick the same ones.
+  pass 2 (one engine micro step per chunk): restore the chunk's RNG state, re-run the towers WITH gradient
+    (same dropout masks as pass 1, so the cached gradient belongs to these activations), and back-propagate
+      surrogate = <img_emb, g_img> + <txt_emb, g_txt> + scale * g_scale * (rows / B)
+    together with the ranking stage of this chunk's rows: both cross encoders on its B_c positives and 2 B_c
+    hard negatives (FGR), MLM and FgD on its masked texts. Every term is a mean over the rank batch in the
+    one-shot objective (weighted ITM mean, mean over masked tokens, mean over valid tokens); here each chunk
+    contributes its SUM divided by the rank batch's denominator, counted in pass 1, so the chunk losses add up
+    to the one-shot loss exactly.
+
+Negatives that live in another chunk or on another rank ("reembed", the default) are run through the towers again
+inside the chunk, with gradient, from their raw inputs (fetched from the owner rank with FGR's exchange plan,
+r2d2ds/distributed/exchange.py): the towers receive exactly the gradient they get through the negatives' tokens in
+the one-shot step (there it reaches the owner's replica through the all-to-all's backward; here this rank's
+replica; the data-parallel average makes them the same). "detached" runs them (and in-chunk negatives) without
+gradient: cheaper (no backward through, and no activations kept for, up to 2 B_c extra tower rows per chunk),
+and it DROPS the gradient of FGR w.r.t. the tower
+parameters through the negative side of each negative pair (the image tower through negative images, the text
+tower through negative texts); the cross encoders, heads and the positive sides keep their exact gradients.
+With dropout on, a re-embedded negative draws its own dropout mask (the one-shot step reuses its row's mask).
+
+DeepSpeed: each chunk's forward + `engine.backward` + `engine.step` is one engine micro step, so the engine's
+gradient-accumulation boundary semantics hold (gradient_accumulation_steps = passes x chunks): ZeRO-2/3 reduce
+each micro step's gradients once in their backward epilogue and the optimizer steps once at the boundary. The
+failure "Gradient computed twice for this partition" of naive GradCache comes from calling `backward()` several
+times inside ONE engine micro step (the reduce hooks fire per backward, the per-step bookkeeping is reset only
+by the engine's epilogue); here there is exactly one backward per engine forward. `backward(...,
+scale_wrt_gas=False)`: the chunk losses already sum to the rank batch's loss, so the engine's 1/GAS division
+would be wrong; we divide by the number of GradCache passes per step ourselves (same as plain accumulation).
+Loss scaling (fp16) is linear, so a scaled surrogate yields the scaled gradient; bf16/fp32 need none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from r2d2ds.config import Config, ConfigError
+from r2d2ds.distributed.collectives import gather_sizes, row_offset
+from r2d2ds.distributed.exchange import plan_row_exchanges
+from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
+from r2d2ds.losses.distill import fgd_loss
+from r2d2ds.losses.fgr import fgr_group, itm_accuracy, pick_negatives, weighted_itm_loss
+from r2d2ds.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
+from r2d2ds.losses.objective import TERMS
+
+NEGATIVE_MODES = ("reembed", "detached")
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is cut: passes x ranks x rank_batch, each pass in chunks."""
+
+    global_batch: int
+    world: int
+    grad_accum: int  # GradCache passes (or plain micro steps) per optimizer step
+    rank_batch: int  # rows per rank per pass
+    chunk_size: int  # 0: GradCache off (one micro step per pass)
+
+    @property
+    def gradcache(self) -> bool:
+        return self.chunk_size > 0
+
+    def chunks(self) -> list[slice]:
+        """Row slices of one pass; the last chunk is shorter when chunk_size does not divide rank_batch."""
+        size = self.chunk_size or self.rank_batch
+        return [slice(s, min(s + size, self.rank_batch)) for s in range(0, self.rank_batch, size)]
+
+    @property
+    def engine_micro_batch(self) -> int:
+        return self.chunk_size if self.gradcache else self.rank_batch
+
+    @property
+    def engine_accum(self) -> int:
+        """gradient_accumulation_steps of the engine: one engine micro step per chunk."""
+        return self.grad_accum * len(self.chunks())
+
+    def data_config(self, cfg: Config) -> Config:
+        """`cfg` with data.micro_batch = the rank batch of one pass (what the stream yields)."""
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=self.rank_batch))
+
+    def engine_config(self, cfg: Config) -> Config:
+        """`cfg` as the engine's batch identity sees it: micro = chunk, accumulation = passes x chunks.
+
+        When chunk_size does not divide the rank batch the ds_config's train_batch_size (chunk x accumulation
+        x world) overstates the real batch; DeepSpeed only counts samples with it (throughput, monitor)."""
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=self.engine_micro_batch),
+                                   train=dataclasses.replace(cfg.train, grad_accum=self.engine_accum))
+
+
+def plan_batch(cfg: Config, world: int) -> BatchPlan:
+    """Derive the per-rank batch from train.global_batch (or data.micro_batch) and validate it, naming keys."""
+    t = cfg.train
+    if t.global_batch:
+        per_pass = world * t.grad_accum
+        if t.global_batch % per_pass:
+            raise ConfigError(f"config key 'train.global_batch': {t.global_batch} is not divisible by world size "
+                              f"{world} x train.grad_accum {t.grad_accum} = {per_pass}")
+        rank_batch = t.global_batch // per_pass
+    else:
+        rank_batch = cfg.data.micro_batch
+    if t.chunk_size > rank_batch:
+        raise ConfigError(f"config key 'train.chunk_size': {t.chunk_size} is larger than the rank batch of one "
+                          f"pass ({rank_batch} = train.global_batch / (world {world} x train.grad_accum); "
+                          f"data.micro_batch when train.global_batch is 0)")
+    return BatchPlan(global_batch=rank_batch * world * t.grad_accum, world=world, grad_accum=t.grad_accum,
+                     rank_batch=rank_batch, chunk_size=t.chunk_size)
+
+
+# -------------------------------------------------------------------------------------------- RNG states
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device):
+    """Run the block from a saved RNG state and leave the global streams where they were (fork_rng)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- pass 1
+@dataclass
+class _Cache:
+    """What pass 1 leaves for pass 2 (all O(B) or O(B x D); no activations)."""
+
+    chunks: list[slice]
+    rng: list[tuple[Tensor, Tensor | None]]
+    g_img: Tensor | None  # (B, D) d(rank loss)/d(img_emb); None when no contrastive term runs
+    g_txt: Tensor | None
+    g_scale: Tensor | None  # 0-dim
+    masked_ids: Tensor | None  # (B, L) MLM/FgD inputs for the whole rank batch
+    mlm_labels: Tensor | None
+    neg_txt: Tensor | None  # (B,) GLOBAL index (over `group`) of each image's negative text, -1: none
+    neg_img: Tensor | None
+    group: Any  # FGR's process group (None: the default group, the global batch)
+    sizes: list[int]  # rows per rank of `group`
+    offset: int  # global index of this rank's first row
+    mlm_count: Tensor  # denominators of the rank-batch means (0-dim fp32)
+    fgd_count: Tensor
+    itm_weight: Tensor
+    itm_valid: Tensor
+    scale: Tensor  # 0-dim logit scale of this step (logged)
+    terms: dict[str, Tensor]
+
+
+def _flags(obj, teacher) -> dict[str, Any]:
+    lc = obj.loss_cfg
+    use_tgd = teacher is not None and obj._tgd_on()
+    return dict(tgd=use_tgd, fgd=teacher is not None and lc.fgd_weight > 0, mlm=lc.mlm_weight > 0,
+                fgr=lc.fgr_weight > 0, gcpr=lc.gcpr_weight > 0, a=lc.tgd_alpha if use_tgd else 0.0)
+
+
+def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice]) -> _Cache:
+    """Pass 1 on objective `obj` (R2D2Pretraining). Called inside the engine's forward under no_grad."""
+    lc, impl, model = obj.loss_cfg, obj.model_cfg.contrastive_impl, obj.model
+    f = _flags(obj, teacher)
+    image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+    labels = batch.get("image_id")
+    device = ids.device
+    rng, img, txt, t_img, t_txt = [], [], [], [], []
+    with torch.no_grad():
+        for sl in chunks:
+            rng.append(_rng_state(device))
+            img.append(model.encode_image(image[sl])[1])
+            txt.append(model.encode_text(ids[sl], mask[sl])[1])
+            if f["tgd"]:  # the teacher is in eval mode: no dropout, nothing to replay
+                t_img.append(teacher.encode_image(image[sl])[1])
+                t_txt.append(teacher.encode_text(ids[sl], mask[sl])[1])
+        img_emb, txt_emb = torch.cat(img), torch.cat(txt)  # (B, D)
+        scale = model.logit_scale().detach()
+
+    zero = scale.new_zeros((), dtype=torch.float32)
+    terms = dict.fromkeys(TERMS, zero)
+    g_img = g_txt = g_scale = None
+    if f["gcpr"] or f["tgd"]:
+        # The contrastive terms and their gradient w.r.t. the embeddings: leaves, so the backward stops there.
+        with torch.enable_grad():
+            xi = img_emb.detach().requires_grad_(True)
+            xt = txt_emb.detach().requires_grad_(True)
+            s = scale.detach().clone().requires_grad_(True)
+            total = zero
+            if f["gcpr"]:
+                terms["gcpr"] = gcpr_loss(xi, xt, s, labels, impl=impl)
+                total = total + (1.0 - f["a"]) * lc.gcpr_weight * terms["gcpr"]
+            if f["tgd"]:
+                terms["tgd"] = tgd_loss(xi, xt, s, labels, torch.cat(t_img), torch.cat(t_txt), impl=impl)
+                total = total + f["a"] * lc.tgd_weight * terms["tgd"]
+            g_img, g_txt, g_scale = torch.autograd.grad(total, [xi, xt, s])
+        terms = {k: v.detach() for k, v in terms.items()}
+
+    # The same draws as the objective's one-shot forward on this rank batch: masks from the step seed's
+    # generator, FGR's negatives from its own seed, fused into the GCPR pass under the same rule.
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    masked_ids = mlm_labels = neg_txt = neg_img = None
+    mlm_count = fgd_count = itm_weight = itm_valid = zero
+    if f["mlm"] or f["fgd"]:
+        masked_ids, mlm_labels = mask_tokens(ids, mask, lc.mlm_probability, obj.mask_token_id, obj.vocab_size,
+                                             obj.special_token_ids, gen)
+        mlm_count = (mlm_labels != IGNORE_INDEX).sum().clamp_min(1).float()
+        fgd_count = mask.float().sum().clamp_min(1.0)
+    group, sizes, offset = None, [ids.shape[0]], 0
+    if f["fgr"]:
+        fgr_seed, fuse = obj.fgr_draw(seed)
+        group = fgr_group(lc.fgr_negative_scope)
+        sizes = gather_sizes(ids.shape[0], device, group)
+        offset = row_offset(sizes, group)
+        if fuse:  # the draw rides on a (no-grad) GCPR pass, exactly as in the one-shot forward
+            _, (neg_txt, neg_img) = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl, negatives_seed=fgr_seed)
+        else:
+            neg_txt, neg_img = pick_negatives(img_emb, txt_emb, scale, labels, fgr_seed, obj.sampling, group, impl)
+        w_neg, w_pos = lc.fgr_class_weights
+        n_valid = (neg_txt >= 0).sum() + (neg_img >= 0).sum()
+        itm_weight = (ids.shape[0] * w_pos + w_neg * n_valid).float().clamp_min(1e-12)
+        itm_valid = (ids.shape[0] + n_valid).float()
+        negs = torch.cat([neg_txt, neg_img])
+        ok = negs >= 0
+        remote = ok & ((negs < offset) | (negs >= offset + ids.shape[0]))
+        terms["remote_frac"] = remote.float().sum() / ok.float().sum().clamp_min(1.0)
+    return _Cache(chunks, rng, g_img, g_txt, g_scale, masked_ids, mlm_labels, neg_txt, neg_img, group, sizes,
+                  offset, mlm_count, fgd_count, itm_weight, itm_valid, scale, terms)
+
+
+# ---------------------------------------------------------------------------------------------- pass 2
+def _negative_rows(rows: Tensor, cache: _Cache, chunk: slice) -> tuple[Tensor, Tensor]:
+    """Where the negatives `rows` (B_c,) (GLOBAL indices, -1: none) of this chunk's anchors come from.
+
+    Returns idx (B_c,) into cat([this chunk's rows, the U rows of `outside`]) and `outside` (U,), the sorted
+    global indices outside this chunk (another chunk, another rank): those are fetched from their owners (raw
+    inputs, FGR's exchange plan) and re-embedded here."""
+    start, stop = cache.offset + chunk.start, cache.offset + chunk.stop
+    own = torch.arange(start, stop, device=rows.device)
+    rows = torch.where(rows >= 0, rows, own)  # no negative: any partner keeps shapes static; `valid` masks it
+    inside = (rows >= start) & (rows < stop)
+    outside = torch.unique(rows[~inside])  # sorted; a host sync (the re-embedding's shape), once per chunk
+    idx = torch.where(inside, rows - start, (stop - start) + torch.searchsorted(outside, rows.contiguous()))
+    return idx, outside
+
+
+def _negative_tokens(encode, raw: list[Tensor], idx: Tensor, chunk_tokens: Tensor, negatives: str) -> Tensor:
+    """Tokens of the negatives: this chunk's own tokens, or the fetched rows re-embedded by `encode(*raw)`,
+    with gradient ("reembed") or without ("detached", where in-chunk negatives are detached too)."""
+    grad = negatives == "reembed"
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        extra = encode(*raw) if raw[0].shape[0] else chunk_tokens[:0]
+    pool = chunk_tokens if grad else chunk_tokens.detach()
+    return torch.cat([pool, extra])[idx]
+
+
+def chunk_pass(obj, batch: dict, teacher, cache: _Cache, c: int, negatives: str) -> dict[str, Tensor]:
+    """Pass 2 for chunk `c` on objective `obj`, inside the engine's forward with gradient: the chunk's loss."""
+    lc, model = obj.loss_cfg, obj.model
+    f = _flags(obj, teacher)
+    sl = cache.chunks[c]
+    image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+    rows, n_rows = sl.stop - sl.start, ids.shape[0]
+    device = ids.device
+    terms: dict[str, Tensor] = {}
+    with _replay_rng(cache.rng[c], device):
+        # The replayed stream: these towers see pass 1's dropout masks; what follows continues the same stream.
+        img_tokens, img_emb = model.encode_image(image[sl])  # (B_c, N, Wi), (B_c, D)
+        txt_tokens, txt_emb = model.encode_text(ids[sl], mask[sl])  # (B_c, L, Wt), (B_c, D)
+        loss = img_emb.new_zeros((), dtype=torch.float32)
+        if cache.g_img is not None:
+            loss = (loss + (img_emb.float() * cache.g_img[sl].float()).sum()
+                    + (txt_emb.float() * cache.g_txt[sl].float()).sum()
+                    + model.logit_scale() * cache.g_scale * (rows / n_rows))
+
+        if f["mlm"] or f["fgd"]:
+            m_mask = mask[sl]
+            m_txt_tokens, _ = model.encode_text(cache.masked_ids[sl], m_mask)
+            m_hidden = model.text_query(m_txt_tokens, m_mask, img_tokens)  # (B_c, L, W)
+            if f["mlm"]:
+                lab = cache.mlm_labels[sl]
+                sel = lab != IGNORE_INDEX  # host sync (boolean index), as in the one-shot objective
+                # mean over this chunk's targets x (its targets / the rank batch's): its share of the batch mean
+                terms["mlm"] = (mlm_loss(model.mlm_logits(m_hidden[sel]), lab[sel])
+                                * (sel.sum().float() / cache.mlm_count))
+            if f["fgd"]:
+                with torch.no_grad():
+                    t_img_tokens, _ = teacher.encode_image(image[sl])
+                    t_txt_tokens, _ = teacher.encode_text(ids[sl], m_mask)
+                    t_hidden = teacher.text_query(t_txt_tokens, m_mask, t_img_tokens)
+                terms["fgd"] = fgd_loss(m_hidden, t_hidden, m_mask) * (m_mask.float().sum() / cache.fgd_count)
+
+        if f["fgr"]:
+            nt, ni = cache.neg_txt[sl], cache.neg_img[sl]
+            (t_idx, t_rows), (i_idx, i_rows) = _negative_rows(nt, cache, sl), _negative_rows(ni, cache, sl)
+            # Collective over the FGR group: every rank plans once per chunk, in the same order, even with no
+            # requests. Raw inputs travel (pixels, ids, mask), only the chosen rows, no autograd.
+            t_plan, i_plan = plan_row_exchanges([t_rows, i_rows], cache.sizes, cache.group)
+            t_ids, t_mask, i_image = t_plan.fetch(ids), t_plan.fetch(mask), i_plan.fetch(image)
+            neg_txt_tok = _negative_tokens(lambda i, m: model.encode_text(i, m)[0], [t_ids, t_mask], t_idx,
+                                           txt_tokens, negatives)
+            neg_img_tok = _negative_tokens(lambda x: model.encode_image(x)[0], [i_image], i_idx, img_tokens,
+                                           negatives)
+            neg_mask = torch.cat([mask[sl], t_mask])[t_idx]
+            img = torch.cat([img_tokens, img_tokens, neg_img_tok])  # (3 B_c, N, Wi)
+            txt = torch.cat([txt_tokens, neg_txt_tok, txt_tokens])  # (3 B_c, L, Wt)
+            pair_mask = torch.cat([mask[sl], neg_mask, mask[sl]])
+            target = torch.cat([torch.ones(rows, dtype=torch.long, device=device),
+                                torch.zeros(2 * rows, dtype=torch.long, device=device)])
+            valid = torch.cat([torch.ones(rows, dtype=torch.bool, device=device), nt >= 0, ni >= 0])
+            tq, iq = model.itm_logits(img, txt, pair_mask)  # (3 B_c, 2) each
+            w = torch.tensor(lc.fgr_class_weights, device=device, dtype=torch.float32)[target] * valid.float()
+            share = w.sum() / cache.itm_weight  # the chunk's weighted-mean x its share of the batch's weight
+            terms["fgr"] = 0.5 * (weighted_itm_loss(tq, target, valid, lc.fgr_class_weights)
+                                  + weighted_itm_loss(iq, target, valid, lc.fgr_class_weights)) * share
+            with torch.no_grad():  # correct-pair counts, normalised by the batch's valid pairs
+                acc_share = valid.float().sum() / cache.itm_valid
+                terms["acc"] = 0.5 * (itm_accuracy(tq, target, valid) + itm_accuracy(iq, target, valid)) * acc_share
+
+    loss = (loss + lc.fgr_weight * terms.get("fgr", 0.0) + lc.fgd_weight * terms.get("fgd", 0.0)
+            + lc.mlm_weight * terms.get("mlm", 0.0))
+    out = {"loss": loss.float()}
+    out.update({k: v.detach().float() for k, v in terms.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the driver
+class GradCache:
+    """Runs one GradCache pass (pass 1 + one engine micro step per chunk) on a DeepSpeed engine whose module is
+    an R2D2Pretraining and whose gradient_accumulation_steps is `plan.engine_accum`."""
+
+    def __init__(self, plan: BatchPlan, negatives: str = "reembed") -> None:
+        if negatives not in NEGATIVE_MODES:
+            raise ConfigError(f"config key 'train.gradcache_negatives': must be one of {NEGATIVE_MODES}, "
+                              f"got {negatives!r}")
+        if not plan.gradcache:
+            raise ValueError("GradCache needs plan.chunk_size > 0")
+        self.plan = plan
+        self.negatives = negatives
+
+    def step(self, engine, batch: dict, teacher, seed: int, autocast=contextlib.nullcontext) -> dict[str, Tensor]:
+        """One pass over `batch` (the rank batch): len(chunks) engine micro steps, each with its backward and
+        `engine.step()` (the engine applies the optimizer at its accumulation boundary). Returns the rank
+        batch's loss terms for logging (detached)."""
+        chunks = self.plan.chunks()
+        if batch["input_ids"].shape[0] != self.plan.rank_batch:
+            raise ValueError(f"GradCache: batch of {batch['input_ids'].shape[0]} rows, the plan expects "
+                             f"{self.plan.rank_batch}")
+        with torch.no_grad(), autocast():
+            cache = engine(batch, teacher, seed, run=lambda obj, b, t, s: embed_pass(obj, b, t, s, chunks))
+        sums: dict[str, Tensor] = {}
+        for c in range(len(chunks)):
+            with autocast():
+                out = engine(batch, teacher, seed,
+                             run=lambda obj, b, t, s, c=c: chunk_pass(obj, b, t, cache, c, self.negatives))
+            # The chunk losses add up to the pass's loss; passes are averaged as plain accumulation does.
+            engine.backward(out.pop("loss") / self.plan.grad_accum, scale_wrt_gas=False)
+            engine.step()
+            for k, v in out.items():
+                sums[k] = sums[k] + v if k in sums else v
+        terms = {k: cache.terms[k] for k in TERMS}
+        terms.update({k: v for k, v in sums.items() if k in terms})
+        lc = engine.module.loss_cfg
+        a = lc.tgd_alpha if teacher is not None and engine.module._tgd_on() else 0.0
+        total = ((1.0 - a) * lc.gcpr_weight * terms["gcpr"] + a * lc.tgd_weight * terms["tgd"]
+                 + lc.fgr_weight * terms["fgr"] + lc.fgd_weight * terms["fgd"] + lc.mlm_weight * terms["mlm"])
+        out = {"loss": total.detach().float()}
+        out.update({f"loss/{k}": v.float() for k, v in terms.items()})
+        out["acc/itm"] = sums.get("acc", total.new_zeros(())).float()
+        if "remote_frac" in cache.terms:  # share of FGR negatives that live on other ranks (re-embedded here)
+            out["fgr/remote_frac"] = cache.terms["remote_frac"].float()
+        out["logit_scale"] = cache.scale.float()
+        return out
