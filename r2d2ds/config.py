@@ -106,6 +106,8 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement (multi-node: no rank runs out of shards)
     augment: bool = False  # timm RandomResizedCrop + flip for training
     caption: str = "random"  # which caption of a multi-caption sample to train on: random | first
+    # A DataLoader worker that delivers no batch for this long raises instead of hanging the run (0: wait).
+    loader_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(self.max_text_len >= 4, "data.max_text_len", f"must be >= 4, got {self.max_text_len}")
@@ -114,6 +116,7 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.caption in ("random", "first"), "data.caption", "must be 'random' or 'first'")
+        _check(self.loader_timeout_s >= 0, "data.loader_timeout_s", "must be >= 0 (0: no timeout)")
 
 
 @dataclass
@@ -131,10 +134,18 @@ class TrainConfig:
     optimizer: str = "ds_config"  # ds_config: the ds_config's optimizer block; torch_adamw: a client optimizer
     seed: int = 0
     log_every: int = 10
-    ckpt_every: int = 0  # 0: only at the end
+    # Periodic checkpoints by optimizer steps and by wall-clock minutes (whichever comes first; 0 disables
+    # that trigger); a checkpoint is also written at the end and when SIGTERM/SIGUSR1 asks the run to stop.
+    ckpt_every: int = 1000
+    ckpt_every_minutes: float = 30.0
     eval_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False  # continue from run_dir's latest complete checkpoint (a fresh start when it has none)
+    resume_fallback: bool = False  # a corrupt/incomplete latest checkpoint: resume from the newest good one
+    overwrite: bool = False  # start over in a run_dir that holds checkpoints (deletes them and the metrics)
+    # Every collective (and so every rank's wait on a dead or stuck peer) fails after this many seconds;
+    # passed to deepspeed.init_distributed. Rank-0-only work never sits between two collectives for long.
+    collective_timeout_s: float = 600.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -148,7 +159,12 @@ class TrainConfig:
         _check(self.optimizer in ("ds_config", "torch_adamw"), "train.optimizer",
                "must be 'ds_config' or 'torch_adamw'")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
-        _check(self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
+        _check(self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0: no step-based checkpoints)")
+        _check(self.ckpt_every_minutes >= 0, "train.ckpt_every_minutes",
+               "must be >= 0 (0: no time-based checkpoints)")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 seconds")
+        _check(not (self.resume and self.overwrite), "train.overwrite",
+               "cannot be combined with train.resume (--resume): pick one")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
 

@@ -1,0 +1,46 @@
+"""Rank discovery for each launcher (environment only; the real launches are in tests/training and tests/slurm)."""
+
+from __future__ import annotations
+
+import pytest
+
+from r2d2ds.distributed.launch import discover
+
+
+def test_deepspeed_or_torchrun_environment_is_taken_as_is():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29501",
+           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}  # a launcher inside an srun step wins over Slurm
+    got = discover(env)
+    assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.master_port, got.launcher) == \
+        (3, 4, 1, "10.0.0.5", 29501, "env")
+
+
+def test_rank_env_without_port_fails_by_name():
+    with pytest.raises(RuntimeError, match="MASTER_PORT"):
+        discover({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_srun_step_maps_slurm_variables_and_agrees_on_the_port():
+    base = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16"}
+    a = discover({**base, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "MASTER_ADDR": "gpu07"})
+    b = discover({**base, "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "MASTER_ADDR": "gpu07"})
+    assert (b.rank, b.world_size, b.local_rank, b.launcher) == (9, 16, 1, "slurm")
+    assert a.master_port == b.master_port and 10000 <= a.master_port < 30000
+    other_job = discover({**base, "SLURM_JOB_ID": "4243", "SLURM_PROCID": "0", "MASTER_ADDR": "gpu07"})
+    assert other_job.master_port != a.master_port
+    one_node = discover({**base, "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"})
+    assert one_node.master_addr == "127.0.0.1" and one_node.world_size == 2
+
+
+def test_plain_python_inside_a_batch_script_is_one_process():
+    # The batch step carries SLURM_PROCID/SLURM_NTASKS too, but no SLURM_STEP_NUM_TASKS: not an srun step.
+    got = discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_LOCALID": "0"})
+    assert (got.rank, got.world_size, got.launcher) == (0, 1, "single")
+
+
+def test_nothing_set_is_one_process_on_loopback():
+    got = discover({})
+    assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.launcher) == \
+        (0, 1, 0, "127.0.0.1", "single")
+    assert got.master_port > 0
