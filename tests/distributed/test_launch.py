@@ -44,3 +44,51 @@ def test_nothing_set_is_one_process_on_loopback():
     assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.launcher) == \
         (0, 1, 0, "127.0.0.1", "single")
     assert got.master_port > 0
+
+
+def _stuck_peer(rank: int, port: int, out: str) -> None:
+    import os
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    import torch
+    import torch.distributed as dist
+
+    from r2d2ds.distributed.launch import init_distributed
+
+    init_distributed(timeout_s=4)
+    if rank == 1:
+        time.sleep(40)  # alive but never joins the collective (a hung or SIGSTOPped rank)
+        return
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+        result = "returned"
+    except Exception as e:  # gloo raises on the timeout
+        result = f"raised {type(e).__name__}"
+    with open(out, "w") as f:
+        f.write(f"{result} {time.monotonic() - t0:.2f}")
+
+
+@pytest.mark.slow
+def test_collective_timeout_reaches_the_process_group(tmp_path):
+    """train.collective_timeout_s is really the process group's timeout: a peer that never joins an all-reduce
+    makes it fail after about that long (gloo), not after DeepSpeed's default 10 minutes."""
+    import multiprocessing as mp
+
+    from tests.dist_utils import free_port
+
+    ctx = mp.get_context("spawn")
+    port, out = free_port(), str(tmp_path / "rank0.txt")
+    procs = [ctx.Process(target=_stuck_peer, args=(r, port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    procs[0].join(120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    result, elapsed = open(out).read().rsplit(" ", 1)
+    assert result.startswith("raised"), result
+    assert 3.0 <= float(elapsed) < 30.0, elapsed

@@ -59,6 +59,10 @@ def wait_done(job: str, log: Path, timeout: float = 420) -> dict[str, str]:
         info = job_info(job)
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            # Slurm holds a requeued batch job for a while before it is eligible again (about 2 min here);
+            # what matters is that it was requeued, so make it eligible now.
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         time.sleep(1)
     subprocess.run(["scancel", job])
     raise AssertionError(f"job {job} did not end in {timeout} s: {job_info(job)}\n"
