@@ -257,7 +257,8 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
 
 
 def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
-    """None when `tag` is a complete checkpoint this rank can load; else the problem, naming the file."""
+    """None when `tag` is a complete checkpoint this rank can load; else the problem, naming the file.
+    Raises CheckpointError for a different world size (no earlier checkpoint can help there)."""
     tag_dir = checkpoint_dir(run_dir) / tag
     mf = tag_dir / MANIFEST
     if not tag_dir.is_dir():
@@ -277,8 +278,9 @@ def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
         if p.stat().st_size != size:
             return f"checkpoint file '{p}' is {p.stat().st_size} bytes, the manifest says {size} (truncated?)"
     if saved_world != world:
-        return (f"checkpoint '{tag_dir}' was written by {saved_world} ranks, this run has {world} "
-                f"(see {mf})")
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) but this run has {world} (see {mf}): "
+            f"resume on {saved_world} rank(s). Resuming on a different number of ranks is not supported yet.")
     if f"rank{rank}.safetensors" not in files:
         return f"checkpoint file '{tag_dir / f'rank{rank}.safetensors'}' is not in the manifest {mf}"
     return None

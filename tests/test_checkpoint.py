@@ -84,7 +84,8 @@ def test_verify_names_missing_truncated_and_incomplete(tmp_path):
     t4 = _fake_tag(tmp_path, 4, complete=False)
     assert "interrupted" in checkpoint.verify(tmp_path, t4, 1, 0)
     t6 = _fake_tag(tmp_path, 6, world=2)
-    assert "written by 2 ranks" in checkpoint.verify(tmp_path, t6, 1, 0)
+    with pytest.raises(CheckpointError, match="written by 2 rank"):
+        checkpoint.verify(tmp_path, t6, 1, 0)
 
 
 def test_choose_uses_latest_refuses_a_bad_one_and_falls_back_only_when_asked(tmp_path):
