@@ -225,10 +225,9 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
     tag = tag_for(step)
     tag_dir = root / tag
     rank, world = rd.get_rank(), rd.get_world_size()
+    if latest_tag(run_dir) == tag:  # every rank reads it, so every rank stops here (no one left in a barrier)
+        raise CheckpointError(f"refusing to save step {step} over the committed checkpoint '{tag_dir}'")
     if rd.is_main_process():
-        if latest_tag(run_dir) == tag:
-            raise CheckpointError(f"refusing to save step {step} over the committed checkpoint '{tag_dir}'")
-        wait_for_pruning()
         if tag_dir.exists():  # an interrupted save of the same step (fallback resume): not committed, replace
             shutil.rmtree(tag_dir)
     rd.barrier()
@@ -245,8 +244,11 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
         atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         fsync_dir(root)
         atomic_write_text(root / "latest", tag + "\n")
-        _pruner = threading.Thread(target=_prune, args=(root, keep, tag), name="r2d2ds-prune", daemon=False)
-        _pruner.start()
+        # A deletion still running from the previous save is left alone (never waited for here, where the
+        # other ranks would sit in the barrier below): this round's pruning then happens at the next save.
+        if _pruner is None or not _pruner.is_alive():
+            _pruner = threading.Thread(target=_prune, args=(root, keep, tag), name="r2d2ds-prune", daemon=False)
+            _pruner.start()
     # No rank leaves before `latest` is committed: a launcher that kills the job when the first rank exits
     # (srun --kill-on-bad-exit, the deepspeed launcher) must not cut rank 0's commit short.
     rd.barrier()
@@ -337,6 +339,12 @@ def choose(run_dir: str | Path, fallback: bool, device) -> str | None:
                     f"(candidates: {', '.join(later)})" if later else "no earlier checkpoint exists")
             raise CheckpointError(f"cannot resume: {problems[-1]}. {hint}; or start over with a new "
                                   f"train.run_dir or --train.overwrite=true")
+    if latest is None:
+        # Only interrupted saves and nothing ever committed (killed during the first save): like a fresh run
+        # directory, start at step 0. A requeued job must not fail here forever.
+        log.warning("no complete checkpoint in '%s' (%s): starting from step 0", checkpoint_dir(run_dir),
+                    "; ".join(problems))
+        return None
     raise CheckpointError(f"cannot resume: no complete checkpoint in '{checkpoint_dir(run_dir)}': "
                           + "; ".join(problems))
 

@@ -114,6 +114,11 @@ def test_choose_without_latest_takes_the_newest_complete_tag(tmp_path):
     assert checkpoint.choose(tmp_path, False, torch.device("cpu")) == checkpoint.tag_for(2)
 
 
+def test_only_interrupted_saves_and_no_latest_start_from_scratch(tmp_path):
+    _fake_tag(tmp_path, 3, complete=False)  # killed during the very first save
+    assert checkpoint.choose(tmp_path, False, torch.device("cpu")) is None
+
+
 def test_prune_keeps_the_newest_complete_and_deletes_older_partial(tmp_path):
     root = checkpoint.checkpoint_dir(tmp_path)
     for step in (1, 2, 3, 4):
