@@ -246,13 +246,19 @@ class Trainer:
         return metrics
 
     def export(self) -> None:
-        from r2d2ds.export import export_model
+        """Rank 0 writes the export alone and no rank waits for it: a large export can take longer than
+        train.collective_timeout_s, and it is the last thing the run does."""
+        from r2d2ds.export import export_from_checkpoint, export_model
 
-        # Collective gather (ZeRO-3), then rank 0 writes alone and nobody waits for it: a large export can take
-        # longer than train.collective_timeout_s, and it is the last thing the run does.
-        with self._gathered(list(self.engine.module.model.parameters())):
-            if rd.is_main_process():
-                export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
+        if not rd.is_main_process():
+            return
+        if self.zero3:
+            # Gathering partitioned parameters is collective and DeepSpeed's gather context ends with an
+            # all-reduce, so the other ranks would wait for the whole write. The final checkpoint holds the same
+            # weights (fp32 master copy): consolidate it on rank 0 with no collective at all.
+            export_from_checkpoint(self.run_dir, self.run_dir / "model", tag=checkpoint.tag_for(self._saved_step))
+        else:
+            export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
 
 
 def configure_logging() -> None:
