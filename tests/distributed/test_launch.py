@@ -58,8 +58,10 @@ def _stuck_peer(rank: int, port: int, out: str) -> None:
     from r2d2ds.distributed.launch import init_distributed
 
     init_distributed(timeout_s=4)
-    if rank == 1:
-        time.sleep(40)  # alive but never joins the collective (a hung or SIGSTOPped rank)
+    if rank == 1:  # alive but never joins the collective (a hung or SIGSTOPped rank), until rank 0 is done
+        t0 = time.monotonic()
+        while not os.path.exists(out) and time.monotonic() - t0 < 600:
+            time.sleep(0.5)
         return
     t0 = time.monotonic()
     try:
@@ -84,11 +86,10 @@ def test_collective_timeout_reaches_the_process_group(tmp_path):
     procs = [ctx.Process(target=_stuck_peer, args=(r, port, out)) for r in (0, 1)]
     for p in procs:
         p.start()
-    procs[0].join(120)
+    # Generous: on a loaded 2-core machine the first DeepSpeed import and init take minutes. Killing a rank
+    # inside init could leave torch's JIT-extension lock file behind, so the ranks end on their own.
     for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
+        p.join(600)
     result, elapsed = open(out).read().rsplit(" ", 1)
     assert result.startswith("raised"), result
     assert 3.0 <= float(elapsed) < 30.0, elapsed
