@@ -11,7 +11,10 @@ REQUEUE_EXIT_CODE=75
 
 r2d2ds_log() { echo "[r2d2ds $(date -u +%FT%TZ) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
 
+R2D2DS_STOP_REQUESTED=0
+
 r2d2ds_forward_stop() {
+  R2D2DS_STOP_REQUESTED=1
   r2d2ds_log "got a stop signal: every rank finishes its step, checkpoints and exits $REQUEUE_EXIT_CODE"
   scancel --signal=USR1 "$SLURM_JOB_ID"
 }
@@ -27,8 +30,11 @@ run_requeueable() {
     kill -0 "$pid" 2>/dev/null || break
   done
   trap - USR1 TERM
-  if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then
-    r2d2ds_log "checkpoint written; requeueing the job (it resumes from the run directory)"
+  # 75: every rank checkpointed and stopped. After a stop request any failure is requeued too: srun's
+  # --kill-on-bad-exit can terminate a rank that was just about to exit with 75 itself (its code is then 143),
+  # and if the stop checkpoint was cut short `latest` still names the previous complete one.
+  if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || { [ "$R2D2DS_STOP_REQUESTED" = 1 ] && [ "$rc" -ne 0 ]; }; then
+    r2d2ds_log "stopped (exit code $rc); requeueing the job (it resumes from the run directory)"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi
