@@ -1,17 +1,36 @@
-"""DeepSpeed checkpoints with our client state, committed atomically.
+"""DeepSpeed checkpoints plus our per-rank state: committed atomically and durably, verified before loading.
 
-Layout: RUN_DIR/checkpoints/<tag>/ holds DeepSpeed's model/optimizer shards, `client_state` (step, samples seen,
-the EMA teacher, the resolved config) inside DeepSpeed's model-states file, and one `rank<R>.pt` per rank with that
-rank's data position and RNG states (they differ per rank, and DeepSpeed saves client state from rank 0 only).
-RUN_DIR/checkpoints/latest names the newest COMPLETE tag: it is written (temp file + os.replace) only after every
-rank has finished writing, so a crash mid-save leaves the previous checkpoint as the one --resume loads.
+Layout of RUN_DIR/checkpoints/:
+  <tag>/                        DeepSpeed's model/optimizer shards; our client state (step, samples seen, the
+                                EMA teacher, the resolved config) rides in DeepSpeed's model-states file.
+  <tag>/rank<R>.safetensors     rank R's own state: RNG states as tensors, data position and counters as JSON
+                                in the metadata (they differ per rank; DeepSpeed saves client state on rank 0).
+  <tag>/r2d2ds-checkpoint.json  the manifest: step, world size, every file of the tag with its size. Written by
+                                rank 0 only after every rank has written and fsynced its files, so a tag
+                                without it is an interrupted save.
+  latest                        names the newest committed tag. Moved (temp file, fsync, rename, fsync of the
+                                directory) only after the manifest is on disk: a crash or kill at any point of
+                                a save leaves `latest` naming the previous complete checkpoint.
+
+Loading checks the manifest against the files first (missing or truncated files are named); with
+`train.resume_fallback` a bad newest checkpoint is passed over for the newest good one. Every rank must agree,
+so the choice is all-reduced.
+
+Trust: DeepSpeed writes its own files with torch.save (pickle) and reads them back with weights_only=False;
+loading a checkpoint can therefore run code stored in it. Resume only from run directories you trust. The files
+r2d2ds writes itself (rank state, manifest, `latest`) are safetensors, JSON and text.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +38,20 @@ import numpy as np
 import torch
 
 from r2d2ds import distributed as rd
-from r2d2ds.fileio import atomic_write_text
+from r2d2ds.fileio import atomic_write_text, fsync_dir, fsync_file
+
+log = logging.getLogger("r2d2ds")
+
+MANIFEST = "r2d2ds-checkpoint.json"
+FORMAT = "r2d2ds-checkpoint-1"
+# Fault injection for tests: R2D2DS_FAULT_KILL_IN_SAVE=<step> SIGKILLs rank 0 in the middle of saving that step
+# (after DeepSpeed's shards are written, before the manifest and `latest`), like a node lost mid-save.
+FAULT_ENV = "R2D2DS_FAULT_KILL_IN_SAVE"
+_TAG = re.compile(r"^step(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or does not match this run. The message names the file."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -30,19 +62,13 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def tags(run_dir: str | Path) -> list[str]:
+    """Every step tag directory (complete or not), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)),
+                  key=lambda t: int(_TAG.match(t).group(1)))
 
 
 def latest_tag(run_dir: str | Path) -> str | None:
@@ -53,40 +79,291 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tag or None
 
 
+# ------------------------------------------------------------------------------------------ rank state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states as JSON-able values and tensors (no pickle needed)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by {"__tensor__": name}, collecting it under that name."""
+    if torch.is_tensor(obj):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            if obj["__tensor__"] not in tensors:
+                raise CheckpointError(f"'{path}' names tensor {obj['__tensor__']!r} it does not hold")
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors, path) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors, path) for v in obj]
+    return obj
+
+
+def write_rank_state(path: Path, state: dict[str, Any]) -> None:
+    """One safetensors file: the tensors of `state`, and the rest of it as JSON in the metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _split_tensors(state, "state", tensors)
+    data = save(tensors, metadata={"format": FORMAT, "state": json.dumps(meta)})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_rank_state(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = json.loads(meta["state"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on truncated or foreign files
+        raise CheckpointError(f"checkpoint file '{path}' cannot be read ({type(e).__name__}: {e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint file '{path}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return _join_tensors(state, tensors, path)
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def _file_owner(name: str) -> int:
+    """The rank that wrote a file of a tag: ours are rank<R>.safetensors; DeepSpeed's per-rank shards carry
+    `pp_rank_<R>_` (the data-parallel rank); the rest (mp_rank_00_model_states.pt) is written by rank 0."""
+    m = re.match(r"^rank(\d+)\.safetensors$", name) or re.search(r"pp_rank_(\d+)_", name)
+    return int(m.group(1)) if m else 0
+
+
+def _fsync_own_files(tag_dir: Path, rank: int) -> None:
+    # Each rank flushes what it wrote (on a multi-node filesystem only the writer's fsync is meaningful).
+    for p in tag_dir.iterdir():
+        if p.is_file() and _file_owner(p.name) == rank:
+            fsync_file(p)
+
+
+def _maybe_inject_fault(step: int) -> None:
+    want = os.environ.get(FAULT_ENV)
+    if want is not None and rd.is_main_process() and int(want) == step:
+        log.error("%s=%s: killing rank 0 in the middle of saving step %d", FAULT_ENV, want, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_pruner: threading.Thread | None = None
+
+
+def wait_for_pruning() -> None:
+    """Block until the background deletion of old checkpoints (rank 0) has finished."""
+    global _pruner
+    if _pruner is not None:
+        _pruner.join()
+        _pruner = None
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    """Keep the `keep` newest committed checkpoints; delete older tags and interrupted saves older than
+    `current`. Runs in a thread on rank 0 so deleting gigabytes never stalls the other ranks' collectives."""
+    names = tags(root.parent)
+    complete = [t for t in names if (root / t / MANIFEST).is_file()]
+    keep_set = set(complete[-keep:]) | {current}
+    cur = int(_TAG.match(current).group(1))
+    for t in names:
+        if t not in keep_set and int(_TAG.match(t).group(1)) < cur:
+            # The manifest goes first: a deletion cut short leaves an incomplete tag, never a "complete" one
+            # with files missing.
+            (root / t / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(root / t, ignore_errors=True)
+
+
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
          keep: int) -> str:
-    """Save on every rank (DeepSpeed requires all ranks), then commit `latest` and prune old tags on rank 0."""
+    """Save on every rank (DeepSpeed requires all ranks), commit `latest` on rank 0, prune in the background.
+    Never writes into the tag that `latest` names: a committed checkpoint is immutable."""
+    global _pruner
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    rank_file = root / tag / f"rank{rd.get_rank()}.pt"
-    tmp = rank_file.with_name(rank_file.name + ".tmp")
-    torch.save(rank_state, tmp)
-    os.replace(tmp, rank_file)
-    rd.barrier()  # every rank's files are on disk before `latest` may point at them
+    tag_dir = root / tag
+    rank, world = rd.get_rank(), rd.get_world_size()
+    if latest_tag(run_dir) == tag:  # every rank reads it, so every rank stops here (no one left in a barrier)
+        raise CheckpointError(f"refusing to save step {step} over the committed checkpoint '{tag_dir}'")
     if rd.is_main_process():
+        if tag_dir.exists():  # an interrupted save of the same step (fallback resume): not committed, replace
+            shutil.rmtree(tag_dir)
+    rd.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    write_rank_state(tag_dir / f"rank{rank}.safetensors", rank_state)
+    _maybe_inject_fault(step)
+    _fsync_own_files(tag_dir, rank)
+    rd.barrier()  # every rank's files are on disk before the manifest may describe them
+    if rd.is_main_process():
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        manifest = {"format": FORMAT, "step": step, "tag": tag, "world_size": world,
+                    "zero_stage": int(engine.zero_optimization_stage()), "files": files}
+        fsync_dir(tag_dir)
+        atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        fsync_dir(root)
         atomic_write_text(root / "latest", tag + "\n")
-        tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep]:
-            if old != tag:
-                shutil.rmtree(root / old, ignore_errors=True)
+        # A deletion still running from the previous save is left alone (never waited for here, where the
+        # other ranks would sit in the barrier below): this round's pruning then happens at the next save.
+        if _pruner is None or not _pruner.is_alive():
+            _pruner = threading.Thread(target=_prune, args=(root, keep, tag), name="r2d2ds-prune", daemon=False)
+            _pruner.start()
+    # No rank leaves before `latest` is committed: a launcher that kills the job when the first rank exits
+    # (srun --kill-on-bad-exit, the deepspeed launcher) must not cut rank 0's commit short.
     rd.barrier()
     return tag
 
 
-def load(engine, run_dir: str | Path, tag: str | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Load the named (or latest complete) checkpoint into `engine`; returns (client_state, rank_state)."""
+# -------------------------------------------------------------------------------------------- loading
+
+
+def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
+    """None when `tag` is a complete checkpoint this rank can load; else the problem, naming the file.
+    Raises CheckpointError for a different world size (no earlier checkpoint can help there)."""
+    tag_dir = checkpoint_dir(run_dir) / tag
+    mf = tag_dir / MANIFEST
+    if not tag_dir.is_dir():
+        return f"checkpoint directory '{tag_dir}' does not exist"
+    if not mf.is_file():
+        return f"'{mf}' is missing: the save of '{tag_dir}' was interrupted (incomplete checkpoint)"
+    try:
+        manifest = json.loads(mf.read_text())
+        files = dict(manifest["files"])
+        saved_world = int(manifest["world_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"manifest '{mf}' is corrupt ({type(e).__name__}: {e})"
+    for name, size in sorted(files.items()):
+        p = tag_dir / name
+        if not p.is_file():
+            return f"checkpoint file '{p}' is missing"
+        if p.stat().st_size != size:
+            return f"checkpoint file '{p}' is {p.stat().st_size} bytes, the manifest says {size} (truncated?)"
+    if saved_world != world:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) but this run has {world} (see {mf}): "
+            f"resume on {saved_world} rank(s). Resuming on a different number of ranks is not supported yet.")
+    if f"rank{rank}.safetensors" not in files:
+        return f"checkpoint file '{tag_dir / f'rank{rank}.safetensors'}' is not in the manifest {mf}"
+    return None
+
+
+def _all_ok(ok: bool, device) -> bool:
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    if rd.get_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())  # host sync: once per candidate at resume
+
+
+def _set_aside(run_dir: str | Path, bad: str, good: str) -> None:
+    """After falling back: keep the bad checkpoint for inspection under another name (pruning ignores it) and
+    point `latest` at the good one, so the resumed run can commit its own checkpoint of the same step."""
     root = checkpoint_dir(run_dir)
-    tag = tag or latest_tag(run_dir)
+    rd.barrier()  # every rank has verified `bad` before it moves
+    if rd.is_main_process():
+        aside = root / f"{bad}.corrupt"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(root / bad, aside)
+        atomic_write_text(root / "latest", good + "\n")
+        log.warning("moved the unusable checkpoint to '%s'; 'latest' now names %s", aside, good)
+    rd.barrier()
+
+
+def choose(run_dir: str | Path, fallback: bool, device) -> str | None:
+    """The tag to resume from (all ranks agree), or None when the run directory holds no checkpoint."""
+    latest = latest_tag(run_dir)
+    names = tags(run_dir)
+    if latest is None and not names:
+        return None
+    newest_first = ([latest] if latest else []) + [t for t in reversed(names) if t != latest]
+    rank, world = rd.get_rank(), rd.get_world_size()
+    problems: list[str] = []
+    for i, tag in enumerate(newest_first):
+        problem = verify(run_dir, tag, world, rank)
+        if _all_ok(problem is None, device):
+            if problems:
+                log.warning("resuming from the earlier checkpoint '%s' (train.resume_fallback): %s",
+                            tag, "; ".join(problems))
+                if latest is not None and latest != tag:
+                    _set_aside(run_dir, latest, tag)
+            return tag
+        problems.append(problem or f"checkpoint '{tag}' is bad on another rank")
+        # With `latest` present only it may be used unless the user opted into falling back; without it
+        # (a crash before the first commit) a complete tag is as good as committed.
+        if latest is not None and not fallback:
+            later = newest_first[i + 1:]
+            hint = (f"set --train.resume_fallback=true to resume from the newest earlier good checkpoint "
+                    f"(candidates: {', '.join(later)})" if later else "no earlier checkpoint exists")
+            raise CheckpointError(f"cannot resume: {problems[-1]}. {hint}; or start over with a new "
+                                  f"train.run_dir or --train.overwrite=true")
+    if latest is None:
+        # Only interrupted saves and nothing ever committed (killed during the first save): like a fresh run
+        # directory, start at step 0. A requeued job must not fail here forever.
+        log.warning("no complete checkpoint in '%s' (%s): starting from step 0", checkpoint_dir(run_dir),
+                    "; ".join(problems))
+        return None
+    raise CheckpointError(f"cannot resume: no complete checkpoint in '{checkpoint_dir(run_dir)}': "
+                          + "; ".join(problems))
+
+
+def load(engine, run_dir: str | Path, fallback: bool = False,
+         device=None) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Load the latest (or, with `fallback`, the newest good) checkpoint into `engine`.
+    Returns (tag, client_state, rank_state), or None when there is no checkpoint."""
+    tag = choose(run_dir, fallback, device if device is not None else engine.device)
     if tag is None:
         return None
-    if not (root / tag).is_dir():
-        raise FileNotFoundError(f"checkpoint '{root / tag}' named by {root / 'latest'} does not exist")
-    _, client_state = engine.load_checkpoint(str(root), tag=tag)
-    rank_file = root / tag / f"rank{rd.get_rank()}.pt"
-    if not rank_file.is_file():
-        raise FileNotFoundError(f"checkpoint '{root / tag}' has no {rank_file.name}: it was written with a "
-                                f"different number of ranks (resume needs the same world size)")
-    # Our own file, written above: RNG states are tuples/arrays of plain numbers, not arbitrary objects.
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return client_state, rank_state
+    root = checkpoint_dir(run_dir)
+    try:
+        path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    except Exception as e:  # unpickling a damaged file raises anything from EOFError to RuntimeError
+        raise CheckpointError(f"DeepSpeed could not load checkpoint '{root / tag}' "
+                              f"({type(e).__name__}: {e})") from e
+    if path is None or client_state is None:
+        raise CheckpointError(f"DeepSpeed found no loadable model states in '{root / tag}' "
+                              f"(files: {sorted(p.name for p in (root / tag).iterdir())})")
+    rank_state = read_rank_state(root / tag / f"rank{rd.get_rank()}.safetensors")
+    return tag, client_state, rank_state

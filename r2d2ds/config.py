@@ -157,6 +157,8 @@ class DataConfig:
     max_json_depth: int = 32
     max_caption_chars: int = 512  # longer captions are cut (tokenisation truncates to max_text_len anyway)
     max_captions: int = 32  # captions kept per sample (retrieval evaluates every kept caption)
+    # A DataLoader worker that delivers no batch for this long raises instead of hanging the run (0: wait).
+    loader_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _nonempty(self, "data", "train_split", "val_split", "tokenizer")
@@ -175,6 +177,7 @@ class DataConfig:
         _check(len(self.image_formats) >= 1 and set(self.image_formats) <= set(IMAGE_FORMATS), "data.image_formats",
                f"must be a non-empty list of {IMAGE_FORMATS} (formats with well-kept PIL decoders), got "
                f"{list(self.image_formats)}")
+        _check(self.loader_timeout_s >= 0, "data.loader_timeout_s", "must be >= 0 (0: no timeout)")
 
 
 @dataclass
@@ -199,10 +202,18 @@ class TrainConfig:
     optimizer: str = "ds_config"  # ds_config: the ds_config's optimizer block; torch_adamw: a client optimizer
     seed: int = 0
     log_every: int = 10
-    ckpt_every: int = 0  # 0: only at the end
+    # Periodic checkpoints by optimizer steps and by wall-clock minutes (whichever comes first; 0 disables
+    # that trigger); a checkpoint is also written at the end and when SIGTERM/SIGUSR1 asks the run to stop.
+    ckpt_every: int = 1000
+    ckpt_every_minutes: float = 30.0
     eval_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False  # continue from run_dir's latest complete checkpoint (a fresh start when it has none)
+    resume_fallback: bool = False  # a corrupt/incomplete latest checkpoint: resume from the newest good one
+    overwrite: bool = False  # start over in a run_dir that holds checkpoints (deletes them and the metrics)
+    # Every collective (and so every rank's wait on a dead or stuck peer) fails after this many seconds;
+    # passed to deepspeed.init_distributed. Rank-0-only work never sits between two collectives for long.
+    collective_timeout_s: float = 600.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -226,7 +237,12 @@ class TrainConfig:
         _check(self.optimizer in ("ds_config", "torch_adamw"), "train.optimizer",
                "must be 'ds_config' or 'torch_adamw'")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
-        _check(self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
+        _check(self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0: no step-based checkpoints)")
+        _check(self.ckpt_every_minutes >= 0, "train.ckpt_every_minutes",
+               "must be >= 0 (0: no time-based checkpoints)")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 seconds")
+        _check(not (self.resume and self.overwrite), "train.overwrite",
+               "cannot be combined with train.resume (--resume): pick one")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
 

@@ -45,6 +45,11 @@ class MetricLogger:
         self._samples += samples
         self._skipped += skipped
 
+    @property
+    def pending(self) -> bool:
+        """Micro steps accumulated since the last flush (the same on every rank)."""
+        return self._count > 0
+
     def flush(self, step: int, lr: float, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Reduce across ranks and write one record. Collective: every rank must call it."""
         keys = sorted(self._sums)

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from r2d2ds import checkpoint
+from r2d2ds import checkpoint, rundir
 from r2d2ds import distributed as rd
 from r2d2ds.config import Config
+from r2d2ds.distributed.launch import init_distributed
 from r2d2ds.engine import build_engine, fill_ds_config
 from r2d2ds.metrics import MetricLogger
+from r2d2ds.preemption import Preempted, StopControl
 from r2d2ds.preflight import check_training_paths
 
 log = logging.getLogger("r2d2ds")
@@ -43,21 +45,26 @@ def step_seed(base: int, step: int, micro: int, rank: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
         from r2d2ds.data import TrainStream
         from r2d2ds.losses.gradcache import GradCache, plan_batch
         from r2d2ds.losses.objective import R2D2Pretraining
         from r2d2ds.models.ema import make_teacher
 
         self.cfg = cfg
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        self.launch = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = rd.get_rank(), rd.get_world_size()
         # The batch plan: per-rank batch from train.global_batch, GradCache chunks as engine micro steps.
         self.plan = plan_batch(cfg, self.world)
-        self.run_dir = Path(cfg.train.run_dir)
         if rd.is_main_process():
+            log.info("%d rank(s), launcher=%s, rendezvous %s:%d, collective timeout %.0f s", self.world,
+                     self.launch.launcher, self.launch.master_addr, self.launch.master_port,
+                     cfg.train.collective_timeout_s)
+        self.run_dir = Path(cfg.train.run_dir)
+        # A run directory holding checkpoints is resumed or explicitly overwritten, never silently restarted.
+        rundir.check_restart(self.run_dir, cfg.train.resume, cfg.train.overwrite)
+        if rd.is_main_process():
+            if cfg.train.overwrite:
+                rundir.clear_previous_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         rd.barrier()
 
@@ -86,6 +93,9 @@ class Trainer:
                                   seed=cfg.train.seed)
         self.step = 0
         self.samples_seen = 0
+        self.bar = None
+        self._saved_step = -1  # the step of the newest checkpoint on disk (a finished run is never re-saved)
+        self.stop = StopControl(cfg.train.ckpt_every_minutes, self.device)
         self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None))
         self._eval_split = None
         if rd.is_main_process():
@@ -94,6 +104,8 @@ class Trainer:
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         if cfg.train.resume:
             self._resume()
+        if rd.is_main_process():
+            rundir.truncate_metrics(self.run_dir, self.step)  # steps past the start are logged again
 
     # ----------------------------------------------------------------------------------------- state
     def _client_state(self) -> dict[str, Any]:
@@ -107,25 +119,29 @@ class Trainer:
                 "skipped_total": self.logger.skipped_total}
 
     def save_checkpoint(self) -> str:
-        return checkpoint.save(self.engine, self.run_dir, self.step, self._client_state(), self._rank_state(),
-                               keep=self.cfg.train.keep_checkpoints)
+        tag = checkpoint.save(self.engine, self.run_dir, self.step, self._client_state(), self._rank_state(),
+                              keep=self.cfg.train.keep_checkpoints)
+        self._saved_step = self.step
+        self.stop.saved()
+        return tag
 
     def _resume(self) -> None:
-        loaded = checkpoint.load(self.engine, self.run_dir)
+        loaded = checkpoint.load(self.engine, self.run_dir, fallback=self.cfg.train.resume_fallback)
         if loaded is None:
             if rd.is_main_process():
                 log.warning("train.resume is set but %s has no checkpoint: starting from step 0",
                             checkpoint.checkpoint_dir(self.run_dir))
             return
-        client, rank_state = loaded
+        tag, client, rank_state = loaded
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
         if self.teacher is not None and "teacher" in client:
             self.teacher.load_state_dict(client["teacher"])
         self.stream.load_state_dict(rank_state["data"])
         checkpoint.set_rng_state(rank_state["rng"])
         self.logger.skipped_total = int(rank_state.get("skipped_total", 0))
+        self._saved_step = self.step
         if rd.is_main_process():
-            log.info("resumed from step %d (%d samples seen)", self.step, self.samples_seen)
+            log.info("resumed from %s: step %d (%d samples seen)", tag, self.step, self.samples_seen)
 
     # ------------------------------------------------------------------------------------------ loop
     def _autocast(self):
@@ -178,7 +194,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg.train
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and rd.is_main_process()),
+        bar = self.bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and rd.is_main_process()),
                    dynamic_ncols=True, desc="train")
         batches = iter(self.stream)
         self.engine.train()
@@ -186,19 +202,36 @@ class Trainer:
             self.train_step(batches)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                rec = self.logger.flush(self.step, lr=self.engine.get_lr()[0],
-                                        extra={"train/samples_seen": self.samples_seen})
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in rec.items()
-                                 if k.startswith("loss/") or k == "perf/samples_per_s"})
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self._log()
+            stop, due = self.stop.poll()  # collective: every rank, every step
+            if stop:  # SIGTERM / SIGUSR1 on any rank: all finished this step; save together and leave
+                if self.logger.pending:
+                    self._log()
+                bar.close()
+                if self._saved_step != self.step:
+                    self.save_checkpoint()
+                checkpoint.wait_for_pruning()
+                raise Preempted(self.step, self.stop.signum)
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0 or due) and self.step < cfg.steps:
                 self.save_checkpoint()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and self.cfg.data.val:
                 self.evaluate()
         bar.close()
-        self.save_checkpoint()
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        elif rd.is_main_process():
+            log.info("the run already finished at step %d: its last checkpoint is kept as is", self.step)
         metrics = self.evaluate() if self.cfg.data.val else None
         self.export()
+        checkpoint.wait_for_pruning()
+        self.stop.close()
         return metrics
+
+    def _log(self) -> None:
+        rec = self.logger.flush(self.step, lr=self.engine.get_lr()[0], extra={"train/samples_seen": self.samples_seen})
+        if self.bar is not None:
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in rec.items()
+                                  if k.startswith("loss/") or k == "perf/samples_per_s"})
 
     # -------------------------------------------------------------------------------- eval, export
     def evaluate(self) -> dict[str, Any]:
@@ -223,16 +256,26 @@ class Trainer:
         return metrics
 
     def export(self) -> None:
-        from r2d2ds.export import export_model
+        """Rank 0 writes the export alone and no rank waits for it: a large export can take longer than
+        train.collective_timeout_s, and it is the last thing the run does."""
+        from r2d2ds.export import export_from_checkpoint, export_model
 
-        with self._gathered(list(self.engine.module.model.parameters())):
-            if rd.is_main_process():
-                export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
-        rd.barrier()
+        if not rd.is_main_process():
+            return
+        if self.zero3:
+            # Gathering partitioned parameters is collective and DeepSpeed's gather context ends with an
+            # all-reduce, so the other ranks would wait for the whole write. The final checkpoint holds the same
+            # weights (fp32 master copy): consolidate it on rank 0 with no collective at all.
+            export_from_checkpoint(self.run_dir, self.run_dir / "model", tag=checkpoint.tag_for(self._saved_step))
+        else:
+            export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
 
 
 def configure_logging() -> None:
     # torch 2.13 flags all_gather_into_tensor (used inside DeepSpeed's ZeRO) as deprecated on every call.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
-    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    # Before init: the rank comes from whichever launcher started us (r2d2ds/distributed/launch.py).
+    rank = next((os.environ[k] for k in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                 if k in os.environ), "0")
+    level = logging.INFO if int(rank) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,5 +10,8 @@ if [ ! -f "$DATA/manifest.json" ]; then
   python -m r2d2ds.data.prepare synthetic --out "$DATA" --seed 0
 fi
 PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The demo run directory is started over on every run (train.overwrite) unless --resume is given.
+OVERWRITE=--train.overwrite=true
+for arg in "$@"; do [ "$arg" = --resume ] && OVERWRITE=""; done
 exec deepspeed --num_gpus "${NUM_RANKS:-2}" --master_addr 127.0.0.1 --master_port "$PORT" \
-  train.py --config configs/demo.yaml "$@"
+  train.py --config configs/demo.yaml $OVERWRITE "$@"

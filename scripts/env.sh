@@ -17,6 +17,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Re-install only when the dependency list changed.
 STAMP="$VENV/.r2d2ds-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
+# mpi4py (mpirun launches) needs an MPI library, its compiler wrapper and mpirun. As root on Debian/Ubuntu (CI, a
+# fresh container) install Open MPI when it is missing; elsewhere load your cluster's MPI module first.
+if ! command -v mpicc >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[env] installing Open MPI (openmpi-bin libopenmpi-dev) for mpi4py"
+  (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq \
+    && apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev \
+    >/dev/null)
+fi
 if [ ! -f "$STAMP" ]; then
   PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
   if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then

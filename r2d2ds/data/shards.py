@@ -291,8 +291,12 @@ class TrainStream:
         if self.cfg.num_workers > 0:
             # Fast tokenizers warn (and can deadlock) when their thread pool crosses a fork into workers.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            source: Iterable[dict[str, Any]] = DataLoader(ds, batch_size=None,
-                                                          num_workers=self.cfg.num_workers)
+            # timeout: a worker stuck on a read raises after data.loader_timeout_s instead of hanging every rank.
+            # generator: the loader draws its worker base seed from it, not from the global torch RNG, whose
+            # state (dropout) must not depend on when the iterator is created (exact resume).
+            source: Iterable[dict[str, Any]] = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                                                          timeout=self.cfg.loader_timeout_s,
+                                                          generator=torch.Generator().manual_seed(self.seed))
         else:
             source = ds
         for item in source:

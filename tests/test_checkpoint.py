@@ -1,0 +1,162 @@
+"""Checkpoint files r2d2ds writes itself (no pickle), manifest verification, fallback choice, run-dir rules.
+
+Fast: no DeepSpeed engine. The end-to-end paths (kill during save, resume) are in tests/training/.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from r2d2ds import checkpoint, rundir
+from r2d2ds.checkpoint import MANIFEST, CheckpointError
+from r2d2ds.config import ConfigError
+
+
+def test_rank_state_roundtrip_restores_every_generator_without_pickle(tmp_path):
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    np.random.normal()  # a cached gaussian is part of NumPy's state
+    state = {"data": {"epoch": 2, "slots": [[2, 17, 3]], "skip_reasons": {"corrupt_image": 1}},
+             "rng": checkpoint.rng_state(), "skipped_total": 7}
+    want = (random.random(), np.random.random(), np.random.normal(), torch.rand(3))
+    path = tmp_path / "rank0.safetensors"
+    checkpoint.write_rank_state(path, state)
+    raw = path.read_bytes()
+    assert raw[8:9] == b"{" and b"PK" != raw[:2]  # safetensors (length + JSON header), not torch.save's zip
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    back = checkpoint.read_rank_state(path)
+    checkpoint.set_rng_state(back["rng"])
+    got = (random.random(), np.random.random(), np.random.normal(), torch.rand(3))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+    assert back["data"] == state["data"] and back["skipped_total"] == 7
+    # The file is plain safetensors: readable without torch.load.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["state"])["data"]["epoch"] == 2
+
+
+def test_truncated_rank_state_names_the_file(tmp_path):
+    path = tmp_path / "rank1.safetensors"
+    checkpoint.write_rank_state(path, {"rng": checkpoint.rng_state()})
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="rank1.safetensors"):
+        checkpoint.read_rank_state(path)
+    with pytest.raises(CheckpointError, match="missing"):
+        checkpoint.read_rank_state(tmp_path / "rank5.safetensors")
+
+
+def _fake_tag(run_dir, step: int, world: int = 1, complete: bool = True) -> str:
+    tag = checkpoint.tag_for(step)
+    d = checkpoint.checkpoint_dir(run_dir) / tag
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    for r in range(world):
+        checkpoint.write_rank_state(d / f"rank{r}.safetensors", {"rng": checkpoint.rng_state()})
+    if complete:
+        files = {p.name: p.stat().st_size for p in d.iterdir()}
+        (d / MANIFEST).write_text(json.dumps({"format": checkpoint.FORMAT, "step": step, "world_size": world,
+                                              "files": files}))
+    return tag
+
+
+def _commit(run_dir, tag: str) -> None:
+    (checkpoint.checkpoint_dir(run_dir) / "latest").write_text(tag + "\n")
+
+
+def test_verify_names_missing_truncated_and_incomplete(tmp_path):
+    t2 = _fake_tag(tmp_path, 2)
+    assert checkpoint.verify(tmp_path, t2, world=1, rank=0) is None
+    model = checkpoint.checkpoint_dir(tmp_path) / t2 / "mp_rank_00_model_states.pt"
+    model.write_bytes(b"x" * 60)
+    assert "mp_rank_00_model_states.pt" in checkpoint.verify(tmp_path, t2, 1, 0)
+    assert "truncated" in checkpoint.verify(tmp_path, t2, 1, 0)
+    model.unlink()
+    assert "is missing" in checkpoint.verify(tmp_path, t2, 1, 0)
+    t4 = _fake_tag(tmp_path, 4, complete=False)
+    assert "interrupted" in checkpoint.verify(tmp_path, t4, 1, 0)
+    t6 = _fake_tag(tmp_path, 6, world=2)
+    with pytest.raises(CheckpointError, match="written by 2 rank"):
+        checkpoint.verify(tmp_path, t6, 1, 0)
+
+
+def test_choose_uses_latest_refuses_a_bad_one_and_falls_back_only_when_asked(tmp_path):
+    cpu = torch.device("cpu")
+    assert checkpoint.choose(tmp_path, fallback=False, device=cpu) is None
+    _fake_tag(tmp_path, 2)
+    t4 = _fake_tag(tmp_path, 4)
+    _commit(tmp_path, t4)
+    _fake_tag(tmp_path, 6, complete=False)  # an interrupted save after the commit
+    assert checkpoint.choose(tmp_path, False, cpu) == t4
+    bad = checkpoint.checkpoint_dir(tmp_path) / t4 / "rank0.safetensors"
+    bad.write_bytes(bad.read_bytes()[:10])
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.choose(tmp_path, False, cpu)
+    assert "rank0.safetensors" in str(err.value) and "resume_fallback" in str(err.value)
+    assert checkpoint.choose(tmp_path, True, cpu) == checkpoint.tag_for(2)
+    # The bad checkpoint is kept aside for inspection and `latest` names the one resumed from.
+    assert checkpoint.latest_tag(tmp_path) == checkpoint.tag_for(2)
+    assert (checkpoint.checkpoint_dir(tmp_path) / f"{t4}.corrupt" / "rank0.safetensors").is_file()
+    assert checkpoint.tag_for(4) not in checkpoint.tags(tmp_path)
+
+
+def test_choose_without_latest_takes_the_newest_complete_tag(tmp_path):
+    _fake_tag(tmp_path, 2)
+    _fake_tag(tmp_path, 4, complete=False)  # killed before the manifest of the first commit
+    assert checkpoint.choose(tmp_path, False, torch.device("cpu")) == checkpoint.tag_for(2)
+
+
+def test_only_interrupted_saves_and_no_latest_start_from_scratch(tmp_path):
+    _fake_tag(tmp_path, 3, complete=False)  # killed during the very first save
+    assert checkpoint.choose(tmp_path, False, torch.device("cpu")) is None
+
+
+def test_prune_keeps_the_newest_complete_and_deletes_older_partial(tmp_path):
+    root = checkpoint.checkpoint_dir(tmp_path)
+    for step in (1, 2, 3, 4):
+        _fake_tag(tmp_path, step, complete=step != 2)
+    checkpoint._prune(root, keep=2, current=checkpoint.tag_for(4))
+    assert checkpoint.tags(tmp_path) == [checkpoint.tag_for(3), checkpoint.tag_for(4)]
+
+
+def test_restart_guard_names_the_choices(tmp_path):
+    rundir.check_restart(tmp_path, resume=False, overwrite=False)  # empty: fine
+    _commit(tmp_path, _fake_tag(tmp_path, 3))
+    with pytest.raises(ConfigError) as err:
+        rundir.check_restart(tmp_path, resume=False, overwrite=False)
+    msg = str(err.value)
+    assert "train.run_dir" in msg and "--resume" in msg and "train.overwrite" in msg and "step00000003" in msg
+    rundir.check_restart(tmp_path, resume=True, overwrite=False)
+    rundir.check_restart(tmp_path, resume=False, overwrite=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    rundir.clear_previous_run(tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_truncate_metrics_drops_steps_after_the_resume_point_and_a_torn_line(tmp_path):
+    lines = [json.dumps({"step": s, "loss/gcpr": float(s)}) for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 5, "loss/gc')
+    assert rundir.truncate_metrics(tmp_path, 2) == 3
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_config_keys_for_checkpoints_and_timeouts():
+    from r2d2ds.config import load_config
+
+    cfg = load_config(None, {})
+    assert cfg.train.ckpt_every > 0 and cfg.train.ckpt_every_minutes > 0  # a preemption never loses the run
+    with pytest.raises(ConfigError, match="train.collective_timeout_s"):
+        load_config(None, ["--train.collective_timeout_s=0"])
+    with pytest.raises(ConfigError, match="train.overwrite"):
+        load_config(None, ["--train.overwrite=true", "--train.resume=true"])
+    with pytest.raises(ConfigError, match="data.loader_timeout_s"):
+        load_config(None, ["--data.loader_timeout_s=-1"])
