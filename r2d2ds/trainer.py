@@ -22,7 +22,7 @@ import torch
 from r2d2ds import checkpoint
 from r2d2ds import distributed as rd
 from r2d2ds.config import Config
-from r2d2ds.engine import build_engine, fill_ds_config
+from r2d2ds.engine import build_engine, fill_ds_config, model_hidden_size
 from r2d2ds.metrics import MetricLogger
 
 log = logging.getLogger("r2d2ds")
@@ -47,7 +47,7 @@ class Trainer:
 
         from r2d2ds.data import TrainStream, load_tokenizer, resolve_shards
         from r2d2ds.losses.objective import R2D2Pretraining
-        from r2d2ds.models.ema import make_teacher
+        from r2d2ds.teacher import EMATeacher
 
         self.cfg = cfg
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -65,13 +65,15 @@ class Trainer:
         module = R2D2Pretraining(cfg.model, cfg.loss, vocab_size=len(self.tokenizer),
                                  pad_token_id=self.tokenizer.pad_token_id,
                                  mask_token_id=self.tokenizer.mask_token_id, special_token_ids=specials)
-        self.teacher = make_teacher(module.model) if module.uses_teacher() else None
+        # Copied before the engine partitions the student (ZeRO-3), placed like the student once the engine exists.
+        self.teacher = EMATeacher(module.model, cfg.model.ema_momentum) if module.uses_teacher() else None
 
-        self.ds_config = fill_ds_config(cfg, self.world, run_dir=str(self.run_dir))
+        self.ds_config = fill_ds_config(cfg, self.world, run_dir=str(self.run_dir),
+                                        hidden_size=model_hidden_size(module))
         self.engine = build_engine(module, cfg, self.ds_config)
         self.device = self.engine.device
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            self.teacher.place(self.engine)
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
         # Dropout streams differ per rank (different data); the model init above was shared.
@@ -93,12 +95,13 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         state = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.to_dict()}
         if self.teacher is not None:
-            state["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+            state["teacher"] = self.teacher.state_dict()  # whole, or the layout of a partitioned one
         return state
 
     def _rank_state(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "rng": checkpoint.rng_state(),
-                "skipped_total": self.logger.skipped_total}
+                "skipped_total": self.logger.skipped_total,
+                "teacher": self.teacher.rank_state_dict() if self.teacher is not None else None}
 
     def save_checkpoint(self) -> str:
         return checkpoint.save(self.engine, self.run_dir, self.step, self._client_state(), self._rank_state(),
@@ -114,7 +117,7 @@ class Trainer:
         client, rank_state = loaded
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
         if self.teacher is not None and "teacher" in client:
-            self.teacher.load_state_dict(client["teacher"])
+            self.teacher.load_state_dict(client["teacher"], rank_state.get("teacher"))
         self.stream.load_state_dict(rank_state["data"])
         checkpoint.set_rng_state(rank_state["rng"])
         self.logger.skipped_total = int(rank_state.get("skipped_total", 0))
@@ -129,23 +132,8 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def _gathered(self, params: list[torch.nn.Parameter]):
-        """Whole `params` on every rank inside the block (ZeRO-3 shards them; stages 1 and 2 hold them)."""
-        if self.zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params):
-                yield
-        else:
-            yield
-
     def _ema_update(self) -> None:
-        from r2d2ds.models.ema import ema_update_
-
-        params = list(self.engine.module.model.parameters())
-        with self._gathered(params):
-            ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
+        self.teacher.update(self.engine.module.model)  # shard by shard under ZeRO-3: no gather
 
     def train_step(self, batches) -> None:
         accum = self.cfg.train.grad_accum
@@ -155,7 +143,7 @@ class Trainer:
             batch.pop("key", None)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                out = self.engine(batch, self.teacher, step_seed(self.cfg.train.seed, self.step, micro, self.rank))
+                out = self.engine(batch, self.teacher.module if self.teacher else None, step_seed(self.cfg.train.seed, self.step, micro, self.rank))
             self.engine.backward(out["loss"])
             self.engine.step()
             self.logger.accumulate(out, samples=batch["image"].shape[0], skipped=skipped)
@@ -213,11 +201,14 @@ class Trainer:
         return metrics
 
     def export(self) -> None:
+        from r2d2ds.distributed.zero import state_dict_by_module
         from r2d2ds.export import export_model
 
-        with self._gathered(list(self.engine.module.model.parameters())):
-            if rd.is_main_process():
-                export_model(self.engine.module.model, self.cfg, self.tokenizer, self.run_dir / "model")
+        model = self.engine.module.model
+        # Under ZeRO-3 one module is gathered at a time onto rank 0's host memory, never the whole model.
+        state = state_dict_by_module(model) if self.zero3 else None
+        if rd.is_main_process():
+            export_model(model, self.cfg, self.tokenizer, self.run_dir / "model", state=state)
         rd.barrier()
 
 
