@@ -190,7 +190,7 @@ def worker(args) -> None:
     batches = iter(trainer.stream)
     trainer.engine.train()
     states = None
-    for i in range(cfg.train.steps):
+    for _ in range(cfg.train.steps):
         rec.clear()
         rss_before = _status_bytes("VmRSS")
         _reset_peak()
@@ -250,7 +250,7 @@ def per_sample(config: str, batches: tuple[int, int], bf16: bool) -> dict:
     for b in batches:
         saved: dict[int, int] = {}
 
-        def pack(t):
+        def pack(t, saved=saved):
             st = t.untyped_storage()
             saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
             return t
@@ -264,7 +264,7 @@ def per_sample(config: str, batches: tuple[int, int], bf16: bool) -> dict:
         with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = module(batch, None, seed=b)["loss"]
         out[f"saved_bytes_b{b}"] = sum(saved.values())
-        del loss, saved
+        del loss
     b0, b1 = batches
     out["per_sample_bytes"] = (out[f"saved_bytes_b{b1}"] - out[f"saved_bytes_b{b0}"]) / (b1 - b0)
     return out

@@ -143,7 +143,8 @@ class Trainer:
             batch.pop("key", None)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                out = self.engine(batch, self.teacher.module if self.teacher else None, step_seed(self.cfg.train.seed, self.step, micro, self.rank))
+                teacher = self.teacher.module if self.teacher is not None else None
+                out = self.engine(batch, teacher, step_seed(self.cfg.train.seed, self.step, micro, self.rank))
             self.engine.backward(out["loss"])
             self.engine.step()
             self.logger.accumulate(out, samples=batch["image"].shape[0], skipped=skipped)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from r2d2ds.distributed import get_rank
