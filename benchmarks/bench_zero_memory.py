@@ -4,7 +4,9 @@ Each ds_config runs `deepspeed --num_gpus 2` (2 CPU ranks, gloo) on the syntheti
 steps of the real trainer (every loss on, EMA teacher, fp32, AdamW), with MALLOC_MMAP_THRESHOLD_=65536 so freed
 blocks go back to the OS and RSS follows the live tensors (DESIGN.md section 5). Every rank reports:
 
-  peak          the largest VmHWM (peak RSS) of the rank over model building and every phase of every step
+  peak          the largest peak RSS of the rank over model building and every phase of every step, without the
+                file-backed pages (shared libraries, which other processes' memory pressure evicts and
+                faults back: VmHWM - RssFile - RssShmem); the baseline likewise counts RssAnon only
   model states  counted from the engine's own tensors after the first step (distinct storages, bytes):
                 params (the module's parameters: whole under ZeRO-1/2, this rank's partitions under ZeRO-3),
                 grads (gradient storages alive when the backward has finished: full .grad under ZeRO-1,
@@ -14,7 +16,7 @@ blocks go back to the OS and RSS follows the live tensors (DESIGN.md section 5).
   teacher       the EMA teacher's parameter storage on this rank (whole under ZeRO-1/2, a partition under ZeRO-3)
   activations   peak RSS during forward + backward minus RSS before the forward minus the gradients made in it
   rest          peak - baseline - model states - teacher - activations (communication buffers, allocator slack)
-  baseline      RSS after imports, before the process group and the model (Python, torch, DeepSpeed)
+  baseline      anonymous RSS after imports, before the process group and the model (Python, torch, DeepSpeed)
 
 and the formulas for fp32 + Adam with Psi parameters and N ranks (Rajbhandari et al. 2020, section 5):
 stage 1: 4 Psi + 4 Psi + 8 Psi / N, stage 2: 4 Psi + 12 Psi / N, stage 3: 16 Psi / N; the teacher: 4 Psi, or
@@ -64,7 +66,7 @@ TINY = {
                               "intermediate_size": 2048, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
                               "attention_probs_dropout_prob": 0.0},
               "embed_dim": 64, "cross_layers": 2, "cross_heads": 8, "cross_dropout": 0.0},
-    "data": {"tokenizer": "auto", "image_size": 32, "max_text_len": 16, "micro_batch": 4},
+    "data": {"tokenizer": "auto", "image_size": 32, "max_text_len": 16, "micro_batch": 8},
 }
 # The mission's model (README memory plan): CLIP ViT-L/14 at 224 px (257 tokens), BERT-base on the Chinese vocab,
 # two 6-layer cross encoders, text length 64 as released. Used by --per-sample only (it does not fit 2 CPU ranks).
@@ -90,6 +92,19 @@ def _status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak() -> int:
+    """Peak RSS since the last reset minus the file-backed and shared pages resident now (shared libraries).
+
+    Library pages are evicted and faulted back under memory pressure from other processes, which moves RSS by
+    100 MB and more between identical runs; the anonymous memory (tensors, allocator) is what ZeRO changes.
+    """
+    return _status_bytes("VmHWM") - _status_bytes("RssFile") - _status_bytes("RssShmem")
+
+
+def _rss() -> int:
+    return _status_bytes("RssAnon")
 
 
 def _reset_peak() -> None:
@@ -151,28 +166,28 @@ def state_storages(engine) -> dict[str, dict[int, int]]:
 
 
 def worker(args) -> None:
-    baseline = _status_bytes("VmRSS")
+    baseline = _rss()
     import torch
 
     import r2d2ds  # noqa: F401
     from r2d2ds.config import load_config
     from r2d2ds.trainer import Trainer
 
-    baseline = max(baseline, _status_bytes("VmRSS"))
+    baseline = max(baseline, _rss())
     _reset_peak()
     cfg = load_config(args.cfg)
     trainer = Trainer(cfg)
-    peak = _status_bytes("VmHWM")
-    built_rss = _status_bytes("VmRSS")
+    peak = build_peak = _peak()
+    built_rss = _rss()
     engine, rec, steps = trainer.engine, {}, []
     real_step = engine.step
 
     def step_hook(*a, **k):  # the end of the backward: activations and gradients are at their peak
-        rec["fwd_bwd_peak"] = _status_bytes("VmHWM")
+        rec["fwd_bwd_peak"] = _peak()
         rec["grads"] = sum(grad_storages(engine).values())
         _reset_peak()
         out = real_step(*a, **k)
-        rec["opt_step_peak"] = _status_bytes("VmHWM")
+        rec["opt_step_peak"] = _peak()
         _reset_peak()
         return out
 
@@ -182,9 +197,9 @@ def worker(args) -> None:
 
         def update_hook(student):
             _reset_peak()
-            rss = _status_bytes("VmRSS")
+            rss = _rss()
             real_update(student)
-            rec["ema_extra"] = _status_bytes("VmHWM") - rss
+            rec["ema_extra"] = _peak() - rss
 
         trainer.teacher.update = update_hook
     batches = iter(trainer.stream)
@@ -192,10 +207,10 @@ def worker(args) -> None:
     states = None
     for _ in range(cfg.train.steps):
         rec.clear()
-        rss_before = _status_bytes("VmRSS")
+        rss_before = _rss()
         _reset_peak()
         trainer.train_step(batches)
-        rec["after_step_peak"] = _status_bytes("VmHWM")
+        rec["after_step_peak"] = _peak()
         rec["rss_before"] = rss_before
         rec["activations"] = max(0, rec["fwd_bwd_peak"] - rss_before - rec["grads"])
         rec["peak"] = max(rec["fwd_bwd_peak"], rec["opt_step_peak"], rec["after_step_peak"])
@@ -214,6 +229,7 @@ def worker(args) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.model.parameters())
     result = {"rank": trainer.rank, "world": trainer.world, "stage": engine.zero_optimization_stage(),
               "offload": engine.zero_cpu_offload(), "psi": n_params, "baseline": baseline, "built_rss": built_rss,
+              "build_peak": build_peak, "step_peak": max(s["peak"] for s in steps),
               "peak": peak, "states": states, "teacher": teacher_bytes, "teacher_numel": list(teacher_numel),
               "activations": max(s["activations"] for s in steps[1:] or steps),
               "ema_update_extra": max(s.get("ema_extra", 0) for s in steps), "steps": steps,
@@ -407,10 +423,36 @@ def markdown(meta: dict, config: str, steps: int, rows: list[dict]) -> str:
         order = by["zero3"]["peak"] < by["zero2"]["peak"] < by["zero1"]["peak"]
         lines += ["", f"Peak ordering stage 3 < stage 2 < stage 1: {'yes' if order else 'NO'} "
                   f"({g(by['zero3']['peak'])} < {g(by['zero2']['peak'])} < {g(by['zero1']['peak'])} GiB)."]
+    lines += ["", "Reading the split: \"activations\" is the forward + backward peak above the RSS before the step "
+              "minus the gradient storages alive at the end of the backward. ZeRO-2/3 reduce gradients into buckets "
+              "during the backward and ZeRO-3 keeps a persistent fp32 gradient partition, so for them the split "
+              "between activations and rest is approximate; peak, model states and teacher are exact. In fp32, "
+              "DeepSpeed's ZeRO-1/2 step flattens the gradient partition into a second copy (+4P/N at the step), "
+              "which is why ZeRO-2's peak is close to ZeRO-1's at N = 2; the bf16 path accumulates into one flat "
+              "partition and has no such copy. \"EMA update extra\": memory the teacher update allocated (a "
+              "whole-model gather would be 4P)."]
+    if meta.get("runs"):
+        lines += ["", f"Stages measured in separate launches of this script (sequential, one at a time): "
+                  f"{', '.join(meta['runs'])}."]
     lines += ["", "ZeRO sizes used (elements; \"auto\" in ds_configs/ filled from the hidden size): " + "; ".join(
         f"{r['ds_config']}: " + ", ".join(f"{k}={v}" for k, v in r["ds_zero"].items()
                                           if "bucket" in k or "stage3_" in k) for r in ok)]
     return "\n".join(lines) + "\n"
+
+
+def _wait_for_memory(gib: float, patience_s: float = 600.0) -> None:
+    """On a shared machine: wait until MemAvailable reaches `gib` before a launch (give up after patience_s)."""
+    import time
+
+    def available() -> float:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:")) * 1024 / GIB
+
+    deadline = time.monotonic() + patience_s
+    while gib > 0 and available() < gib:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {available():.1f} GiB available after {patience_s:.0f} s; need {gib} GiB")
+        time.sleep(15)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,11 +466,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--data", help="synthetic dataset directory (default: a fresh one in a temporary folder)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--min-available-gib", type=float, default=0.0,
+                   help="wait until the machine has this much available memory before each launch")
     p.add_argument("--name", default=None, help="result file stem (default zero_memory_<config>)")
     p.add_argument("--per-sample", action="store_true",
                    help="measure saved activation bytes per sample of --config (one process) instead")
     p.add_argument("--bf16", action="store_true", help="with --per-sample: under bf16 autocast")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine saved result files (a later file's row replaces an earlier one of the same "
+                        "ds_config) into --out/--name and exit; for stages measured in separate runs")
     args = p.parse_args(argv)
+    if args.merge:
+        saved = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows_by = {}
+        for one in saved:
+            rows_by.update({r["ds_config"]: r for r in one["rows"]})
+        rows = [rows_by[d] for d in DS_CONFIGS if d in rows_by]
+        meta, config = saved[-1]["meta"], saved[-1]["config"]
+        meta["runs"] = [one["meta"]["date"] for one in saved]
+        _write(Path(args.out), args.name or f"zero_memory_{config}", meta, config, saved[-1]["steps"], rows)
+        return 0
     if args.worker:
         worker(args)
         return 0
@@ -444,22 +501,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_zero_") as tmp:
         data = Path(args.data) if args.data else prepare_data(Path(tmp))
         for ds in args.ds_configs:  # sequential: one launch (2 ranks) at a time
+            _wait_for_memory(args.min_available_gib)
             folder = Path(tmp) / ds
             folder.mkdir()
             run = run_one(args.config, ds, data, args.steps, folder)
             row = summarize(run)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ds_zero"}), flush=True)
-    meta = versions()
-    out = Path(args.out)
+    _write(Path(args.out), args.name or f"zero_memory_{args.config}", versions(), args.config, args.steps, rows)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _write(out: Path, stem: str, meta: dict, config: str, steps: int, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"zero_memory_{args.config}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "config": args.config, "steps": args.steps,
-                                                  "rows": rows}, indent=1))
-    md = markdown(meta, args.config, args.steps, rows)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "config": config, "steps": steps, "rows": rows},
+                                                 indent=1))
+    md = markdown(meta, config, steps, rows)
     (out / f"{stem}.md").write_text(md)
     print(md)
-    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

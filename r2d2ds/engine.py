@@ -128,6 +128,10 @@ def fill_ds_config(cfg: Config, world_size: int, run_dir: str | None = None,
             # DeepSpeed's CPU FusedAdam is a ~70 s JIT build; torch_adam selects torch.optim.AdamW (Adam for
             # type "Adam") inside the engine with the same update rule. Offload keeps DeepSpeedCPUAdam.
             params.setdefault("torch_adam", True)
+            # torch's fused CPU AdamW updates the flat fp32 partition in place; the default foreach path
+            # allocates temporaries the size of the whole partition (sqrt, denominators) at every step, which
+            # set the per-rank peak (benchmarks/results/cpu/zero_memory_*.md).
+            params.setdefault("fused", True)
     else:
         ds.pop("optimizer", None)
 

@@ -61,3 +61,32 @@ def test_teacher_is_partitioned_only_under_zero3(rows):
     assert rows["zero3"]["teacher"] <= 4 * psi / 2 * 1.01
     # The shard-by-shard EMA update allocates nothing of the model's size (a gather would add 4P bytes).
     assert rows["zero3"]["ema_update_extra"] < 0.25 * 4 * psi
+
+
+def test_zero3_resume_restores_the_partitioned_teacher(tmp_path):
+    """Through the trainer: a ZeRO-3 run resumed at step 3 continues with the losses of the uninterrupted run.
+    TgD and FgD read the teacher, so a teacher not restored exactly (or restored on the wrong rank) shows."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.training.test_deepspeed_e2e import _env, ds_config_for, launch, losses
+
+    data = tmp_path / "synthetic"
+    subprocess.run([sys.executable, "-m", "r2d2ds.data.prepare", "synthetic", "--out", str(data), "--train", "96",
+                    "--val", "0", "--test", "0", "--image-size", "32", "--shard-size", "48", "--seed", "2"],
+                   check=True, cwd=ROOT, env=_env(), capture_output=True)
+    ds = ds_config_for(3, tmp_path)  # every parameter partitioned, the teacher's too
+    full = tmp_path / "full"
+    launch(full, f"--data.train={data}", f"--train.ds_config={ds}", "--train.steps=5", "--train.ckpt_every=3")
+    tag = tmp_path / "full" / "checkpoints" / "step00000003"
+    assert sorted(p.name for p in tag.glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints", resumed / "checkpoints")
+    (resumed / "checkpoints" / "latest").write_text("step00000003\n")
+    launch(resumed, f"--data.train={data}", f"--train.ds_config={ds}", "--train.steps=5", "--resume")
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == [4, 5]
+    for step in (4, 5):
+        for k in ("loss/tgd", "loss/fgd"):
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-5, abs=1e-6), (step, k)
