@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,57 @@ def _check_batch_key(ds: dict[str, Any], key: str, value: int, path: str) -> Non
                           f"remove it from the ds_config (it is filled from data.micro_batch and train.grad_accum)")
 
 
-def fill_ds_config(cfg: Config, world_size: int, run_dir: str | None = None) -> dict[str, Any]:
-    """The ds_config DeepSpeed receives: the file's engine policy plus our training policy."""
+# ZeRO sizes a ds_config may leave as "auto", derived from the model's hidden size h (the Hugging Face DeepSpeed
+# integration's rules, plus allgather and max live/reuse). Units are elements, not bytes. Buckets of h^2
+# elements (0.6M for h = 768, 1M for h = 1024) are large enough to keep the collectives efficient and small
+# against the model states; the fixed 5e8 of DeepSpeed's examples is a 2 GB fp32 buffer whatever the model.
+# The persistence threshold keeps biases and norms (<= 10 h elements) whole on every rank under ZeRO-3 instead
+# of all-gathering them one by one; max live / reuse distance (24 h^2: about two transformer layers' weights,
+# 12 h^2 each) bound what ZeRO-3 holds gathered beyond the module that is running.
+AUTO_ZERO_SIZES: dict[str, Callable[[int], int]] = {
+    "reduce_bucket_size": lambda h: h * h,
+    "allgather_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+    "stage3_max_live_parameters": lambda h: 24 * h * h,
+    "stage3_max_reuse_distance": lambda h: 24 * h * h,
+}
+
+
+def model_hidden_size(model: torch.nn.Module) -> int:
+    """The widest hidden size among the model's towers (an R2D2 or the module that wraps one as `.model`)."""
+    model = getattr(model, "model", model)
+    widths = [int(t.width) for t in (getattr(model, "image_tower", None), getattr(model, "text_tower", None))
+              if t is not None and hasattr(t, "width")]
+    if not widths:
+        raise ValueError(f"{type(model).__name__} has no image_tower/text_tower width to size ZeRO buckets by")
+    return max(widths)
+
+
+def _fill_auto_sizes(ds: dict[str, Any], hidden_size: int | None, path: str) -> None:
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    for key, value in list(zero.items()):
+        if value != "auto":
+            continue
+        if key not in AUTO_ZERO_SIZES:
+            raise ConfigError(f"ds_config '{path}': zero_optimization.{key} is \"auto\" but r2d2ds only derives "
+                              f"{sorted(AUTO_ZERO_SIZES)}; give it a number")
+        if hidden_size is None:
+            raise ConfigError(f"ds_config '{path}': zero_optimization.{key} is \"auto\", which needs the model's "
+                              "hidden size (pass hidden_size to fill_ds_config)")
+        zero[key] = AUTO_ZERO_SIZES[key](int(hidden_size))
+
+
+def fill_ds_config(cfg: Config, world_size: int, run_dir: str | None = None,
+                   hidden_size: int | None = None) -> dict[str, Any]:
+    """The ds_config DeepSpeed receives: the file's engine policy plus our training policy.
+
+    `hidden_size` (model_hidden_size of the built model) sizes the ZeRO buckets the file leaves "auto".
+    """
     ds = load_ds_config(cfg.train.ds_config)
+    _fill_auto_sizes(ds, hidden_size, cfg.train.ds_config)
     micro, accum = cfg.data.micro_batch, cfg.train.grad_accum
     for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum),
                        ("train_batch_size", micro * accum * world_size)):
@@ -79,6 +128,10 @@ def fill_ds_config(cfg: Config, world_size: int, run_dir: str | None = None) -> 
             # DeepSpeed's CPU FusedAdam is a ~70 s JIT build; torch_adam selects torch.optim.AdamW (Adam for
             # type "Adam") inside the engine with the same update rule. Offload keeps DeepSpeedCPUAdam.
             params.setdefault("torch_adam", True)
+            # torch's fused CPU AdamW updates the flat fp32 partition in place; the default foreach path
+            # allocates temporaries the size of the whole partition (sqrt, denominators) at every step, which
+            # set the per-rank peak (benchmarks/results/cpu/zero_memory_*.md).
+            params.setdefault("fused", True)
     else:
         ds.pop("optimizer", None)
 

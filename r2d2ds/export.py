@@ -85,16 +85,20 @@ def _replace_dir(out_dir: Path, build: Callable[[Path], None]) -> Path:
     return out_dir
 
 
-def export_model(model: nn.Module, cfg: Config, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write `model` (an R2D2, full parameters on this process), its config and tokenizer to `out_dir`.
+def export_model(model: nn.Module, cfg: Config, tokenizer: Any, out_dir: str | Path,
+                 state: dict[str, Tensor] | None = None) -> Path:
+    """Write `model` (an R2D2), its config and tokenizer to `out_dir`; call it on one rank only.
 
-    Call it on one rank only. Under ZeRO-3 the parameters are partitioned: use export_from_checkpoint.
-    Returns the export directory.
+    `state`: the model's state dict when its parameters are not whole on this process (ZeRO-3: collect it with
+    r2d2ds.distributed.zero.state_dict_by_module, one module gathered at a time); None: `model.state_dict()`,
+    which needs full parameters (else use export_from_checkpoint). Returns the export directory.
     """
     from safetensors.torch import save_file
 
-    _check_not_partitioned(model)
-    state, aliases = _dedupe_shared(model.state_dict())
+    if state is None:
+        _check_not_partitioned(model)
+        state = model.state_dict()
+    state, aliases = _dedupe_shared(state)
     text_body = getattr(getattr(model, "text_tower", None), "body", None)
     pad_id = getattr(getattr(text_body, "config", None), "pad_token_id", None)
     if pad_id is None:

@@ -23,7 +23,7 @@ from r2d2ds import checkpoint, rundir
 from r2d2ds import distributed as rd
 from r2d2ds.config import Config
 from r2d2ds.distributed.launch import init_distributed
-from r2d2ds.engine import build_engine, fill_ds_config
+from r2d2ds.engine import build_engine, fill_ds_config, model_hidden_size
 from r2d2ds.metrics import MetricLogger
 from r2d2ds.preemption import Preempted, StopControl
 from r2d2ds.preflight import check_training_paths
@@ -48,7 +48,7 @@ class Trainer:
         from r2d2ds.data import TrainStream
         from r2d2ds.losses.gradcache import GradCache, plan_batch
         from r2d2ds.losses.objective import R2D2Pretraining
-        from r2d2ds.models.ema import make_teacher
+        from r2d2ds.teacher import EMATeacher
 
         self.cfg = cfg
         self.launch = init_distributed(cfg.train.collective_timeout_s)
@@ -76,14 +76,16 @@ class Trainer:
         module = R2D2Pretraining(cfg.model, cfg.loss, vocab_size=len(self.tokenizer),
                                  pad_token_id=self.tokenizer.pad_token_id,
                                  mask_token_id=self.tokenizer.mask_token_id, special_token_ids=specials)
-        self.teacher = make_teacher(module.model) if module.uses_teacher() else None
+        # Copied before the engine partitions the student (ZeRO-3), placed like the student once the engine exists.
+        self.teacher = EMATeacher(module.model, cfg.model.ema_momentum) if module.uses_teacher() else None
 
         self.gradcache = GradCache(self.plan, cfg.train.gradcache_negatives) if self.plan.gradcache else None
-        self.ds_config = fill_ds_config(self.plan.engine_config(cfg), self.world, run_dir=str(self.run_dir))
+        self.ds_config = fill_ds_config(self.plan.engine_config(cfg), self.world, run_dir=str(self.run_dir),
+                                        hidden_size=model_hidden_size(module))
         self.engine = build_engine(module, cfg, self.ds_config)
         self.device = self.engine.device
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            self.teacher.place(self.engine)
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
         # Dropout streams differ per rank (different data); the model init above was shared.
@@ -111,12 +113,13 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         state = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.to_dict()}
         if self.teacher is not None:
-            state["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+            state["teacher"] = self.teacher.state_dict()  # whole, or the layout of a partitioned one
         return state
 
     def _rank_state(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "rng": checkpoint.rng_state(),
-                "skipped_total": self.logger.skipped_total}
+                "skipped_total": self.logger.skipped_total,
+                "teacher": self.teacher.rank_state_dict() if self.teacher is not None else None}
 
     def save_checkpoint(self) -> str:
         tag = checkpoint.save(self.engine, self.run_dir, self.step, self._client_state(), self._rank_state(),
@@ -135,7 +138,7 @@ class Trainer:
         tag, client, rank_state = loaded
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
         if self.teacher is not None and "teacher" in client:
-            self.teacher.load_state_dict(client["teacher"])
+            self.teacher.load_state_dict(client["teacher"], rank_state.get("teacher"))
         self.stream.load_state_dict(rank_state["data"])
         checkpoint.set_rng_state(rank_state["rng"])
         self.logger.skipped_total = int(rank_state.get("skipped_total", 0))
@@ -151,23 +154,8 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def _gathered(self, params: list[torch.nn.Parameter]):
-        """Whole `params` on every rank inside the block (ZeRO-3 shards them; stages 1 and 2 hold them)."""
-        if self.zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params):
-                yield
-        else:
-            yield
-
     def _ema_update(self) -> None:
-        from r2d2ds.models.ema import ema_update_
-
-        params = list(self.engine.module.model.parameters())
-        with self._gathered(params):
-            ema_update_(self.teacher, params, self.cfg.model.ema_momentum)
+        self.teacher.update(self.engine.module.model)  # shard by shard under ZeRO-3: no gather
 
     def train_step(self, batches) -> None:
         accum = self.plan.grad_accum
@@ -177,11 +165,12 @@ class Trainer:
             batch.pop("key", None)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             seed = step_seed(self.cfg.train.seed, self.step, micro, self.rank)
+            teacher = self.teacher.module if self.teacher is not None else None
             if self.gradcache is not None:  # one engine micro step (forward, backward, step) per chunk
-                out = self.gradcache.step(self.engine, batch, self.teacher, seed, autocast=self._autocast)
+                out = self.gradcache.step(self.engine, batch, teacher, seed, autocast=self._autocast)
             else:
                 with self._autocast():
-                    out = self.engine(batch, self.teacher, seed)
+                    out = self.engine(batch, teacher, seed)
                 self.engine.backward(out["loss"])
                 self.engine.step()
             self.logger.accumulate(out, samples=batch["image"].shape[0], skipped=skipped)

@@ -63,7 +63,7 @@ def test_round_trip_through_saved_yaml(tmp_path):
 
 def test_ds_config_batch_identity_and_conflicts(tmp_path):
     cfg = load_config(None, ["--data.micro_batch=4", "--train.grad_accum=3", "--train.grad_clip=0.5"])
-    ds = fill_ds_config(cfg, world_size=2)
+    ds = fill_ds_config(cfg, world_size=2, hidden_size=768)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
