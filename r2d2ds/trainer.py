@@ -23,6 +23,7 @@ from r2d2ds import checkpoint
 from r2d2ds import distributed as rd
 from r2d2ds.config import Config
 from r2d2ds.engine import build_engine, fill_ds_config
+from r2d2ds.flops import training_perf_model
 from r2d2ds.metrics import MetricLogger
 
 log = logging.getLogger("r2d2ds")
@@ -80,7 +81,9 @@ class Trainer:
         self.stream = TrainStream(cfg.data, self.tokenizer, rank=self.rank, world=self.world, seed=cfg.train.seed)
         self.step = 0
         self.samples_seen = 0
-        self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None))
+        flops_per_sample, peak_tflops = training_perf_model(module.model, cfg, self.device, self.bf16, self.world)
+        self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None),
+                                   flops_per_sample=flops_per_sample, peak_tflops=peak_tflops)
         self._eval_split = None
         if rd.is_main_process():
             cfg.save(self.run_dir / "config.yaml")
