@@ -273,6 +273,9 @@ class _SlotDataset(IterableDataset):
         slot, n_slots = self.rank * workers + local, self.world * workers
         epoch, consumed, batches = self.positions[local]
         transform = pixel_transform(cfg.image_size, train=True, augment=cfg.augment)
+        # Decode JPEGs no smaller than 1.25 x the model size: RandomResizedCrop's smallest crop (scale 0.8,
+        # ratio 4/3 -> 0.77 of a side) still covers >= image_size source pixels, so it never upsamples.
+        min_size = math.ceil(1.25 * cfg.image_size)
         counter = SkipCounter()
         empty_epochs = 0
         while self.max_epochs is None or epoch < self.max_epochs:
@@ -298,7 +301,7 @@ class _SlotDataset(IterableDataset):
                     image, captions, image_id = parse_sample(raw)
                     try:
                         # A transform can fail on a degenerate image too: same reason, same skip.
-                        pixels = self._transform(transform, decode_image(image), epoch, key)
+                        pixels = self._transform(transform, decode_image(image, min_size), epoch, key)
                     except Exception as exn:  # PIL: OSError, SyntaxError, ValueError, DecompressionBomb...
                         raise BadSample("corrupt_image", f"{type(exn).__name__}: {exn}") from None
                 except BadSample as bad:

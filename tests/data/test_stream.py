@@ -220,7 +220,7 @@ def test_resume_skips_without_decoding(synth_dir, synth_tokenizer, monkeypatch):
 
     calls = []
     real = shards_mod.decode_image
-    monkeypatch.setattr(shards_mod, "decode_image", lambda b: calls.append(1) or real(b))
+    monkeypatch.setattr(shards_mod, "decode_image", lambda b, *a: calls.append(1) or real(b, *a))
     resumed = TrainStream(cfg, synth_tokenizer)
     resumed.load_state_dict(state)
     next(iter(resumed))
