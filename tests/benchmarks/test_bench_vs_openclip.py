@@ -1,0 +1,32 @@
+"""The arithmetic of benchmarks/bench_vs_openclip.py: timed window, per-pair ratios, the markdown table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bench_vs_openclip", ROOT / "benchmarks" / "bench_vs_openclip.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_timed_rate_skips_the_first_steps():
+    steps = [9.0, 9.0, 9.0] + [0.5] * 17  # slow warm-up steps must not count
+    assert bench.timed_rate(steps, global_batch=64, skip=3) == pytest.approx(17 * 64 / (17 * 0.5))
+
+
+def test_summary_ratios_are_ours_over_open_clip():
+    rows = []
+    for rep, (oc, us) in enumerate([(100.0, 120.0), (90.0, 99.0), (110.0, 110.0)]):
+        rows += [{"side": "open_clip", "bs": 32, "samples_per_s": oc, "peak_rss_mb_rank0": 780.0, "repeat": rep},
+                 {"side": "r2d2ds", "bs": 32, "samples_per_s": us, "peak_rss_mb_rank0": 700.0, "repeat": rep}]
+    rows.append({"side": "r2d2ds_full", "bs": 32, "samples_per_s": 50.0, "peak_rss_mb_rank0": 900.0, "repeat": 0})
+    table = bench.summarize(rows, [32])
+    line = next(ln for ln in table.splitlines() if ln.startswith("| 32 (64)"))
+    assert "1.20, 1.10, 1.00" in line  # per interleaved pair
+    assert "**1.10**" in line  # median 110 / median 100
+    assert "780 / 700" in line
+    assert "| 32 (64) | 50.0 | 0.50 |" in table  # the full step against open_clip's median
