@@ -5,9 +5,9 @@ bert-base-chinese vocabulary, embedding 128) on the same Flickr8k-CN webdataset 
 contrastive loss only, 20 steps; steps 4..20 are timed (each side's own per-step log: open_clip's `Batch (t)`,
 our `perf/samples_per_s` with train.log_every 1, both including the data wait). The open_clip side is
 ../shared/tools/openclip_baseline/run_openclip.sh (its README; nothing of it is copied here), the r2d2ds side is
-`deepspeed --num_gpus 2 train.py --config benchmarks/configs/openclip_match.yaml`. Runs alternate
-(open_clip, ours[, ours full R2D2]) per batch size per repeat, so machine-load drift hits both sides alike; the
-ratio of each interleaved pair is the figure to read. `uptime`'s load average is recorded before and after.
+`deepspeed --num_gpus 2 train.py --config benchmarks/configs/openclip_match.yaml`. Runs alternate (open_clip
+and ours back to back, which goes first alternating by repeat, then ours full R2D2 if asked) per batch size per
+repeat, so machine-load drift hits both sides alike; the ratio of each interleaved pair is the figure to read. `uptime`'s load average is recorded before and after.
 
   python benchmarks/bench_vs_openclip.py --out benchmarks/results/cpu               # 3 repeats x 32, 64 per rank
   python benchmarks/bench_vs_openclip.py --bs 32 --repeats 1 --full-r2d2 --out DIR  # + the full R2D2 step
@@ -156,6 +156,29 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: list[int], args) -> str:
+    meta = dict(base_meta, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                load_avg_after=load_average(), runs_done=len(rows))
+    (out / "vs_openclip.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = summarize(rows, batch_sizes)
+    cmds = sorted({r["command"] for r in rows})
+    lb, la = meta["load_avg_before"], meta["load_avg_after"]
+    md = [f"# open_clip's own loop vs r2d2ds, contrastive step, CPU ({meta['date']})", "",
+          f"{meta['cpu']}, {meta['cores']} cores; {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+          f"2 ranks (gloo), fp32, {args.workers} loader worker per rank, {args.steps} steps, steps "
+          f"{args.skip + 1}-{args.steps} timed, runs interleaved, {len({r['repeat'] for r in rows})} of "
+          f"{args.repeats} repeats done. Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in lb)}; "
+          f"after: {', '.join(f'{x:.1f}' for x in la)} (a {meta['cores']}-core machine: above {meta['cores']} "
+          "means other work shared it; each run's own load is in the JSON).",
+          "", table, "", "Commands (r2d2ds from the repository root; RUN_DIR and PORT are per run):", "",
+          *[f"    {c}" for c in cmds], ""]
+    oc_exact = next((r["exact_command"] for r in rows if r.get("exact_command")), None)
+    if oc_exact:
+        md += ["open_clip's exact command (its cmd.txt):", "", f"    {oc_exact}", ""]
+    (out / "vs_openclip.md").write_text("\n".join(md))
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bs", type=int, action="append", help="per-rank batch (repeatable); default 32 and 64")
@@ -182,10 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards or f"{shards_dir}/{{00000..{n - 1:05d}}}.tar"
 
     load_before = load_average()
+    base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions(), "load_avg_before": load_before,
+                 "steps": args.steps, "skip": args.skip, "workers": args.workers, "ds_config": args.ds_config,
+                 "config": CONFIG, "repeats": args.repeats}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for rep in range(args.repeats):
         for bs in batch_sizes:
-            sides = [("open_clip", None), ("r2d2ds", [])] + ([("r2d2ds_full", FULL_R2D2)] if args.full_r2d2 else [])
+            pair = [("open_clip", None), ("r2d2ds", [])]
+            # alternate which side goes first, so a load trend within a pair does not favour one side
+            sides = (pair if rep % 2 == 0 else pair[::-1]) + ([("r2d2ds_full", FULL_R2D2)] if args.full_r2d2 else [])
             for side, extra in sides:
                 load = load_average()
                 if side == "open_clip":
@@ -196,28 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"rep {rep} bs {bs:>3} {side:<12} {row['samples_per_s']:7.1f} samples/s  "
                       f"rss0 {row['peak_rss_mb_rank0'] or 0:.0f} MB  load {load[0]:.1f}", flush=True)
-    load_after = load_average()
-    table = summarize(rows, batch_sizes)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions(),
-            "load_avg_before": load_before, "load_avg_after": load_after, "steps": args.steps, "skip": args.skip,
-            "workers": args.workers, "ds_config": args.ds_config, "config": CONFIG}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vs_openclip.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cmds = sorted({r["command"] for r in rows})
-    md = [f"# open_clip's own loop vs r2d2ds, contrastive step, CPU ({meta['date']})", "",
-          f"{meta['cpu']}, {meta['cores']} cores; {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
-          f"2 ranks (gloo), fp32, {args.workers} loader worker per rank, {args.steps} steps, steps "
-          f"{args.skip + 1}-{args.steps} timed, runs interleaved, {args.repeats} repeats. Load average (1, 5, 15 min) "
-          f"before: {', '.join(f'{x:.1f}' for x in load_before)}; after: "
-          f"{', '.join(f'{x:.1f}' for x in load_after)} (a 2-core machine: above 2 means other work shared it).",
-          "", table, "", "Commands (r2d2ds from the repository root; RUN_DIR and PORT are per run):", "",
-          *[f"    {c}" for c in cmds], ""]
-    oc_exact = next((r["exact_command"] for r in rows if r.get("exact_command")), None)
-    if oc_exact:
-        md += ["open_clip's exact command (its cmd.txt):", "", f"    {oc_exact}", ""]
-    (out / "vs_openclip.md").write_text("\n".join(md))
+                # written after every run: a cut-short session still leaves the interleaved pairs done so far
+                table = write_results(out, base_meta, rows, batch_sizes, args)
     print(table)
     return 0
 
