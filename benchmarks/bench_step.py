@@ -28,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -206,8 +207,8 @@ def meta() -> dict:
          "contrastive 8 B_local B_global D per call; MFU against torch.mm measured in the same run"}
     for name in ("deepspeed", "transformers", "timm", "triton"):
         try:
-            m[name] = __import__(name).__version__
-        except ImportError:
+            m[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             pass
     if torch.cuda.is_available():
         m["gpu"] = torch.cuda.get_device_name(0)

@@ -7,7 +7,8 @@ our `perf/samples_per_s` with train.log_every 1, both including the data wait). 
 ../shared/tools/openclip_baseline/run_openclip.sh (its README; nothing of it is copied here), the r2d2ds side is
 `deepspeed --num_gpus 2 train.py --config benchmarks/configs/openclip_match.yaml`. Runs alternate (open_clip
 and ours back to back, which goes first alternating by repeat, then ours full R2D2 if asked) per batch size per
-repeat, so machine-load drift hits both sides alike; the ratio of each interleaved pair is the figure to read. `uptime`'s load average is recorded before and after.
+repeat, so machine-load drift hits both sides alike; the ratio of each interleaved pair is the figure to read.
+`uptime`'s load average is recorded before and after every run.
 
   python benchmarks/bench_vs_openclip.py --out benchmarks/results/cpu               # 3 repeats x 32, 64 per rank
   python benchmarks/bench_vs_openclip.py --bs 32 --repeats 1 --full-r2d2 --out DIR  # + the full R2D2 step
@@ -135,13 +136,14 @@ def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
 
 
 def versions() -> dict:
-    import torch
+    """Installed versions of this side's stack, read from package metadata (nothing imported)."""
+    from importlib import metadata
 
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("deepspeed", "timm", "transformers", "webdataset"):
+    v = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "timm", "transformers", "webdataset", "open_clip_torch"):
         try:
-            v[name] = __import__(name).__version__
-        except ImportError:
+            v[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             pass
     return v
 
