@@ -110,6 +110,11 @@ def _rates(rows: list[dict]) -> str:
     return ", ".join(f"{r['samples_per_s']:.1f}" for r in rows)
 
 
+def _median_rss(rows: list[dict]) -> float:
+    vals = [r["peak_rss_mb_rank0"] for r in rows if r.get("peak_rss_mb_rank0")]
+    return statistics.median(vals) if vals else float("nan")
+
+
 def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
     out = ["| per rank (global) | open_clip samples/s | r2d2ds samples/s | ratio per interleaved pair | "
            "ratio of medians | peak RSS rank 0 MB (open_clip / r2d2ds) |", "|---|---|---|---|---|---|"]
@@ -121,8 +126,7 @@ def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
         pairs = [u["samples_per_s"] / o["samples_per_s"] for o, u in zip(oc, us)]
         med_o = statistics.median(r["samples_per_s"] for r in oc) if oc else float("nan")
         med_u = statistics.median(r["samples_per_s"] for r in us) if us else float("nan")
-        rss_o = statistics.median(r["peak_rss_mb_rank0"] for r in oc if r["peak_rss_mb_rank0"]) if oc else 0
-        rss_u = statistics.median(r["peak_rss_mb_rank0"] for r in us) if us else 0
+        rss_o, rss_u = _median_rss(oc), _median_rss(us)
         out.append(f"| {bs} ({2 * bs}) | {_rates(oc)} | {_rates(us)} | {', '.join(f'{p:.2f}' for p in pairs)} | "
                    f"**{med_u / med_o:.2f}** | {rss_o:.0f} / {rss_u:.0f} |")
         if full:

@@ -30,3 +30,22 @@ def test_summary_ratios_are_ours_over_open_clip():
     assert "**1.10**" in line  # median 110 / median 100
     assert "780 / 700" in line
     assert "| 32 (64) | 50.0 | 0.50 |" in table  # the full step against open_clip's median
+
+
+def test_written_after_each_run(tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(workers=1, steps=20, skip=3, repeats=3)
+    meta = {"cpu": "cpu", "cores": 2, "versions": bench.versions(), "load_avg_before": [3.0, 2.0, 1.0]}
+    rows = [{"side": "open_clip", "bs": 32, "samples_per_s": 100.0, "peak_rss_mb_rank0": 780.0, "repeat": 0,
+             "command": "bash run_openclip.sh --bs 32", "exact_command": "torchrun ... --batch-size 32"}]
+    bench.write_results(tmp_path, meta, rows, [32, 64], args)  # one side of one pair done: still a valid file
+    rows.append({"side": "r2d2ds", "bs": 32, "samples_per_s": 105.0, "peak_rss_mb_rank0": 760.0, "repeat": 0,
+                 "command": "deepspeed ... train.py --data.micro_batch=32"})
+    bench.write_results(tmp_path, meta, rows, [32, 64], args)
+    data = json.loads((tmp_path / "vs_openclip.json").read_text())
+    assert data["meta"]["runs_done"] == 2 and len(data["meta"]["load_avg_after"]) == 3
+    md = (tmp_path / "vs_openclip.md").read_text()
+    assert "**1.05**" in md and "1 of 3 repeats done" in md and "3.0, 2.0, 1.0" in md
+    assert "deepspeed ... train.py --data.micro_batch=32" in md and "torchrun ... --batch-size 32" in md
