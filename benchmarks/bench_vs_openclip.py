@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=3, help="untimed first steps (3: steps 4..20 timed)")
     p.add_argument("--workers", type=int, default=1, help="data loader workers per rank (both sides)")
     p.add_argument("--ds-config", default="ds_configs/zero1.json")
-    p.add_argument("--full-r2d2", action="store_true", help="also time the full R2D2 step (every term on)")
+    p.add_argument("--full-r2d2", action="store_true",
+                   help="also time the full R2D2 step (every term on), once per batch size in the first repeat")
     p.add_argument("--openclip-dir", default=str(ROOT.parent / "shared" / "tools" / "openclip_baseline"))
     p.add_argument("--shards", default=None, help="brace pattern of the baseline's shards (default: its setup's)")
     p.add_argument("--out", default="benchmarks/results/cpu")
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         for bs in batch_sizes:
             pair = [("open_clip", None), ("r2d2ds", [])]
             # alternate which side goes first, so a load trend within a pair does not favour one side
-            sides = (pair if rep % 2 == 0 else pair[::-1]) + ([("r2d2ds_full", FULL_R2D2)] if args.full_r2d2 else [])
+            full = [("r2d2ds_full", FULL_R2D2)] if args.full_r2d2 and rep == 0 else []  # once per batch size
+            sides = (pair if rep % 2 == 0 else pair[::-1]) + full
             for side, extra in sides:
                 load = load_average()
                 if side == "open_clip":
