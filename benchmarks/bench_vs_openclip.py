@@ -170,7 +170,9 @@ def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: lis
     cmds = sorted({r["command"] for r in rows})
     lb, la = meta["load_avg_before"], meta["load_avg_after"]
     md = [f"# open_clip's own loop vs r2d2ds, contrastive step, CPU ({meta['date']})", "",
-          f"{meta['cpu']}, {meta['cores']} cores; {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+          f"{meta['cpu']}, {meta['cores']} cores; r2d2ds side: "
+          f"{', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; open_clip side: "
+          f"{meta.get('open_clip_side_versions') or 'see its README'}.",
           f"2 ranks (gloo), fp32, {args.workers} loader worker per rank, {args.steps} steps, steps "
           f"{args.skip + 1}-{args.steps} timed, runs interleaved, {len({r['repeat'] for r in rows})} of "
           f"{args.repeats} repeats done. Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in lb)}; "
@@ -211,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     n = len(json.loads((shards_dir / "sizes.json").read_text()))
     shards = args.shards or f"{shards_dir}/{{00000..{n - 1:05d}}}.tar"
 
+    oc_py = Path(os.environ.get("VENV", ocbase / ".venv")) / "bin" / "python"
+    oc_versions = subprocess.run([str(oc_py), "-c", "import importlib.metadata as m; print(' '.join(n + ' ' + "
+                                  "m.version(n) for n in ('torch', 'open_clip_torch', 'timm', 'transformers', "
+                                  "'webdataset')))"], capture_output=True, text=True).stdout.strip()
     load_before = load_average()
     base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions(), "load_avg_before": load_before,
+                 "open_clip_side_versions": oc_versions,
                  "steps": args.steps, "skip": args.skip, "workers": args.workers, "ds_config": args.ds_config,
                  "config": CONFIG, "repeats": args.repeats}
     out = Path(args.out)
