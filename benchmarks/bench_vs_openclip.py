@@ -99,7 +99,7 @@ def run_ours(shards: str, bs: int, steps: int, skip: int, workers: int, ds_confi
     if len(step_s) != steps:
         raise RuntimeError(f"expected {steps} per-step records (train.log_every 1), got {len(step_s)}")
     cmd[cmd.index(next(c for c in cmd if c.startswith("--train.run_dir=")))] = "--train.run_dir=RUN_DIR"
-    cmd[0], cmd[4] = "deepspeed", "PORT"
+    cmd[0], cmd[6] = "deepspeed", "PORT"
     return {"side": side, "bs": bs, "samples_per_s": timed_rate(step_s, gbs, skip),
             "peak_rss_mb_rank0": recs[-1]["memory/peak_gib"] * 1024, "step_s": step_s,
             "tflops_per_rank": recs[-1].get("perf/tflops"), "mfu": recs[-1].get("perf/mfu"),
@@ -162,9 +162,24 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+# Committed results name no folder of the machine that measured them: (absolute prefix, portable name) pairs.
+PORTABLE: list[tuple[str, str]] = []
+
+
+def portable(text: str) -> str:
+    for prefix, name in PORTABLE:
+        text = text.replace(prefix, name)
+    return text
+
+
 def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: list[int], args) -> str:
-    meta = dict(base_meta, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                load_avg_after=load_average(), runs_done=len(rows))
+    rows = json.loads(portable(json.dumps(rows)))
+    # a re-render (--render) keeps the measured run's date and final load; a live run stamps them now
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_avg_after": load_average(), **base_meta, "runs_done": len(rows)}
+    for r in rows:  # tables written before the port placeholder was fixed named the address PORT
+        r["command"] = re.sub(r"--master_addr PORT --master_port \d+", "--master_addr 127.0.0.1 --master_port PORT",
+                              r["command"])
     (out / "vs_openclip.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = summarize(rows, batch_sizes)
     cmds = sorted({r["command"] for r in rows})
@@ -183,7 +198,7 @@ def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: lis
     oc_exact = next((r["exact_command"] for r in rows if r.get("exact_command")), None)
     if oc_exact:
         md += ["open_clip's exact command (its cmd.txt):", "", f"    {oc_exact}", ""]
-    (out / "vs_openclip.md").write_text("\n".join(md))
+    (out / "vs_openclip.md").write_text(portable("\n".join(md)))
     return table
 
 
@@ -200,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--openclip-dir", default=str(ROOT.parent / "shared" / "tools" / "openclip_baseline"))
     p.add_argument("--shards", default=None, help="brace pattern of the baseline's shards (default: its setup's)")
     p.add_argument("--out", default="benchmarks/results/cpu")
+    p.add_argument("--render", action="store_true", help="only re-write OUT's table from its vs_openclip.json")
     args = p.parse_args(argv)
     batch_sizes = args.bs or [32, 64]
     oc_dir = Path(args.openclip_dir)
@@ -212,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     shards_dir = Path(os.environ.get("SHARDS_DIR", ocbase / "shards"))
     n = len(json.loads((shards_dir / "sizes.json").read_text()))
     shards = args.shards or f"{shards_dir}/{{00000..{n - 1:05d}}}.tar"
+    PORTABLE.extend([(str(shards_dir.resolve()), "$OCBASE/shards"), (str(shards_dir), "$OCBASE/shards"),
+                     (str(ocbase.resolve()), "$OCBASE"), (str(ocbase), "$OCBASE"),
+                     (str(oc_dir.resolve()), "../shared/tools/openclip_baseline"),
+                     (str(oc_dir), "../shared/tools/openclip_baseline"), (str(ROOT), "."),
+                     (str(Path.home()), "~")])
+    if args.render:  # re-write the table from an existing JSON (e.g. a run cut short), nothing measured
+        data = json.loads((Path(args.out) / "vs_openclip.json").read_text())
+        print(write_results(Path(args.out), data["meta"], data["rows"], batch_sizes, args))
+        return 0
 
     oc_py = Path(os.environ.get("VENV", ocbase / ".venv")) / "bin" / "python"
     oc_versions = subprocess.run([str(oc_py), "-c", "import importlib.metadata as m; print(' '.join(n + ' ' + "
