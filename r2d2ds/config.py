@@ -215,6 +215,7 @@ class TrainConfig:
     # passed to deepspeed.init_distributed. Rank-0-only work never sits between two collectives for long.
     collective_timeout_s: float = 600.0
     progress: bool = True
+    peak_tflops: float = 0.0  # per-device matmul TFLOP/s for perf/mfu; 0: measured at start-up (r2d2ds.flops)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -245,6 +246,7 @@ class TrainConfig:
                "cannot be combined with train.resume (--resume): pick one")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0: measure the matmul rate at start-up)")
 
 
 @dataclass

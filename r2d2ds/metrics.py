@@ -25,9 +25,12 @@ def peak_memory_gib() -> float:
 
 
 class MetricLogger:
-    def __init__(self, run_dir: str | Path, monitor=None):
+    def __init__(self, run_dir: str | Path, monitor=None, flops_per_sample: float | None = None,
+                 peak_tflops: float | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.monitor = monitor  # DeepSpeed's MonitorMaster (TensorBoard); writes on rank 0 only
+        # r2d2ds.flops: model FLOPs of one rank per sample it trains on; the matmul rate MFU is measured against.
+        self.flops_per_sample, self.peak_tflops = flops_per_sample, peak_tflops
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._skipped = 0
@@ -65,6 +68,10 @@ class MetricLogger:
         record: dict[str, Any] = {"step": step, "lr": lr}
         record.update({k: float(v) for k, v in zip(keys, values)})
         record["perf/samples_per_s"] = float(counts[0].item()) / max(elapsed, 1e-9)
+        if self.flops_per_sample:  # model TFLOP/s per device: the global rate split over the ranks
+            record["perf/tflops"] = self.flops_per_sample * record["perf/samples_per_s"] / rd.get_world_size() / 1e12
+            if self.peak_tflops:
+                record["perf/mfu"] = record["perf/tflops"] / self.peak_tflops
         record["memory/peak_gib"] = peak_memory_gib()
         record["data/skipped"] = self.skipped_total
         if extra:

@@ -24,6 +24,7 @@ from r2d2ds import distributed as rd
 from r2d2ds.config import Config
 from r2d2ds.distributed.launch import init_distributed
 from r2d2ds.engine import build_engine, fill_ds_config, model_hidden_size
+from r2d2ds.flops import training_perf_model
 from r2d2ds.metrics import MetricLogger
 from r2d2ds.preemption import Preempted, StopControl
 from r2d2ds.preflight import check_training_paths
@@ -98,7 +99,9 @@ class Trainer:
         self.bar = None
         self._saved_step = -1  # the step of the newest checkpoint on disk (a finished run is never re-saved)
         self.stop = StopControl(cfg.train.ckpt_every_minutes, self.device)
-        self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None))
+        flops_per_sample, peak_tflops = training_perf_model(module.model, cfg, self.device, self.bf16, self.world)
+        self.logger = MetricLogger(self.run_dir, monitor=getattr(self.engine, "monitor", None),
+                                   flops_per_sample=flops_per_sample, peak_tflops=peak_tflops)
         self._eval_split = None
         if rd.is_main_process():
             cfg.save(self.run_dir / "config.yaml")

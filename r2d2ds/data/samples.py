@@ -163,12 +163,15 @@ def parse_sample(raw: dict[str, Any], cfg: DataConfig | None = None) -> tuple[by
     return image, captions, image_id if image_id is not None else key_to_image_id(raw.get("__key__", "?"))
 
 
-def decode_image(data: bytes, cfg: DataConfig | None = None) -> Image.Image:
+def decode_image(data: bytes, cfg: DataConfig | None = None, min_size: int = 0) -> Image.Image:
     """Decode image bytes with PIL only, as RGB; raises BadSample.
 
     Only `data.image_formats` are tried (a TIFF, EPS or PSD named .jpg never reaches its parser), and the
     pixel count is checked from the header before `load()` decodes anything. `load()` forces the full decode
     here, so a truncated JPEG fails now (LOAD_TRUNCATED_IMAGES stays False), not later in a transform.
+    `min_size` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT (PIL's draft mode) as long as both
+    sides stay >= min_size: a 224 px JPEG for a 64 px model decodes at 112 px, which measured 38% less time
+    per image for decode + crop + resize (the loader shares the CPU with the ranks). Other formats ignore it.
     """
     cfg = cfg or DataConfig()
     if not data:
@@ -187,6 +190,8 @@ def decode_image(data: bytes, cfg: DataConfig | None = None) -> Image.Image:
         if pixels > cfg.max_image_pixels:
             raise BadSample("too_many_pixels", f"{img.width}x{img.height} > data.max_image_pixels="
                                                f"{cfg.max_image_pixels}")
+        if min_size > 0 and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
         img.load()
     return img.convert("RGB")
 
@@ -206,15 +211,15 @@ class Sample:
 
 def decode_sample(raw: dict[str, Any], cfg: DataConfig, tokenizer: Any, max_text_len: int,
                   transform: Callable[[Image.Image, str], Any],
-                  pick: Callable[[list[str], str], list[str]] | None = None) -> Sample:
+                  pick: Callable[[list[str], str], list[str]] | None = None, min_size: int = 0) -> Sample:
     """Everything one sample needs, or BadSample. `pick(captions, key)` chooses the captions to keep (the
-    training stream keeps one); `transform(image, key)` makes the pixels."""
+    training stream keeps one); `transform(image, key)` makes the pixels; `min_size`: see `decode_image`."""
     key = raw.get("__key__", "?")
     image, captions, image_id = parse_sample(raw, cfg)
     if pick is not None:
         captions = pick(captions, key)
     try:
-        pixels = transform(decode_image(image, cfg), key)
+        pixels = transform(decode_image(image, cfg, min_size), key)
     except BadSample:
         raise
     except Exception as exn:  # PIL: OSError, SyntaxError, ValueError, DecompressionBomb...; a degenerate transform

@@ -174,6 +174,9 @@ class _SlotDataset(IterableDataset):
         where = f"rank {self.rank} worker {local}"
         epoch, consumed, batches = self.positions[local]
         transform = pixel_transform(cfg.image_size, train=True, augment=cfg.augment)
+        # Decode JPEGs no smaller than 1.25 x the model size: RandomResizedCrop's smallest crop (scale 0.8,
+        # ratio 4/3 -> 0.77 of a side) still covers >= image_size source pixels, so it never upsamples.
+        min_size = math.ceil(1.25 * cfg.image_size)
         counter = SkipCounter()
         # Samples short of a full batch at an epoch's end carry over into the next epoch's first batch, so every
         # good sample is trained on once per epoch. A resume position is always taken right after a batch, when
@@ -192,7 +195,8 @@ class _SlotDataset(IterableDataset):
             good = 0
             decode = dict(cfg=cfg, tokenizer=self.tokenizer, max_text_len=cfg.max_text_len,
                           transform=partial(self._transform, transform, epoch=epoch),
-                          pick=partial(_pick_caption, mode=cfg.caption, seed=self.seed, epoch=epoch))
+                          pick=partial(_pick_caption, mode=cfg.caption, seed=self.seed, epoch=epoch),
+                          min_size=min_size)
             for idx, raw in enumerate(wds.DataPipeline(*stages)):
                 if idx < consumed:
                     continue  # fast-forward of a resumed epoch: no decode, no re-count

@@ -42,6 +42,23 @@ class R2D2Pretraining(nn.Module):
         # Pad is never a target either (also excluded through the attention mask).
         self.special_token_ids = sorted(set(special_token_ids) | {pad_token_id})
         self.sampling = NegativeSampling.from_loss_config(loss_cfg)
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """Parts that no active term reaches get requires_grad=False, so they stay out of the optimizer and of the
+        gradient reduction (a contrastive-only run would otherwise reduce and Adam-step ~3 M zero gradients of the
+        cross encoders and the 21k-vocabulary MLM decoder every step, and weight decay would shrink them). They
+        keep their initial values and stay in the state dict, eval and the export."""
+        lc, m = self.loss_cfg, self.model
+        text_query = lc.fgr_weight > 0 or lc.mlm_weight > 0 or lc.fgd_weight > 0
+        contrastive = lc.gcpr_weight > 0 or self._tgd_on()
+        unused = {"image_proj": not contrastive, "text_proj": not contrastive, "temperature": not contrastive,
+                  "text_query_encoder": not text_query, "image_to_cross": not text_query,
+                  "image_query_encoder": lc.fgr_weight == 0, "itm_text_query": lc.fgr_weight == 0,
+                  "itm_image_query": lc.fgr_weight == 0, "mlm_head": lc.mlm_weight == 0}
+        for name, off in unused.items():
+            if off:
+                getattr(m, name).requires_grad_(False)
 
     def _tgd_on(self) -> bool:
         return self.loss_cfg.tgd_alpha > 0 and self.loss_cfg.tgd_weight > 0

@@ -1,0 +1,274 @@
+"""Side by side on the CPU: open_clip's own training loop vs r2d2ds on the same contrastive step, interleaved.
+
+Both sides train the same towers (timm vit_tiny_patch16_224 at 64 px, a 2-layer 128-wide BERT on the
+bert-base-chinese vocabulary, embedding 128) on the same Flickr8k-CN webdataset shards, fp32, 2 ranks over gloo,
+contrastive loss only, 20 steps; steps 4..20 are timed (each side's own per-step log: open_clip's `Batch (t)`,
+our `perf/samples_per_s` with train.log_every 1, both including the data wait). The open_clip side is
+../shared/tools/openclip_baseline/run_openclip.sh (its README; nothing of it is copied here), the r2d2ds side is
+`deepspeed --num_gpus 2 train.py --config benchmarks/configs/openclip_match.yaml`. Runs alternate (open_clip
+and ours back to back, which goes first alternating by repeat, then ours full R2D2 if asked) per batch size per
+repeat, so machine-load drift hits both sides alike; the ratio of each interleaved pair is the figure to read.
+`uptime`'s load average is recorded before and after every run.
+
+  python benchmarks/bench_vs_openclip.py --out benchmarks/results/cpu               # 3 repeats x 32, 64 per rank
+  python benchmarks/bench_vs_openclip.py --bs 32 --repeats 1 --full-r2d2 --out DIR  # + the full R2D2 step
+Writes DIR/vs_openclip.json (every run, its exact command, per-step times) and DIR/vs_openclip.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "benchmarks/configs/openclip_match.yaml"
+# The full R2D2 step on the same towers: every term back on (TgD, FGR, FgD, MLM) and 2 cross layers.
+FULL_R2D2 = ["--loss.tgd_alpha=0.4", "--loss.fgr_weight=1.0", "--loss.fgd_weight=1.0", "--loss.mlm_weight=1.0",
+             "--model.cross_layers=2"]
+
+
+def load_average() -> list[float]:
+    return [float(x) for x in os.getloadavg()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_rate(step_seconds: list[float], global_batch: int, skip: int) -> float:
+    """Global samples/s over the steps after the first `skip`: (n - skip) x global batch / their summed time."""
+    timed = step_seconds[skip:]
+    return len(timed) * global_batch / sum(timed)
+
+
+def run_openclip(oc_dir: Path, bs: int, steps: int, skip: int, workers: int) -> dict:
+    cmd = ["bash", str(oc_dir / "run_openclip.sh"), "--data", "wds", "--bs", str(bs), "--precision", "fp32",
+           "--steps", str(steps), "--skip", str(skip), "--workers", str(workers), "--tag", f"vs-r2d2ds-b{bs}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    if proc.returncode != 0 or not lines or "status=OK" not in lines[-1]:
+        raise RuntimeError(f"open_clip run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    result = lines[-1]
+    rate = float(re.search(r"samples/s=([0-9.]+)", result).group(1))
+    rss = [float(x) for x in re.findall(r"rank\d=([0-9.]+)MB", result)]
+    log_dir = re.search(r"logs in (\S+)", proc.stdout)
+    times = re.search(r"step times \(s\): ([0-9. ]+)", proc.stdout)
+    row = {"side": "open_clip", "bs": bs, "samples_per_s": rate, "peak_rss_mb_rank0": rss[0] if rss else None,
+           "peak_rss_mb": rss, "result_line": result, "command": shlex.join(cmd),
+           "step_s": [float(t) for t in times.group(1).split()] if times else None}
+    if log_dir:
+        cmd_txt = Path(log_dir.group(1)) / "cmd.txt"
+        if cmd_txt.is_file():
+            row["exact_command"] = cmd_txt.read_text().strip()
+    return row
+
+
+def run_ours(shards: str, bs: int, steps: int, skip: int, workers: int, ds_config: str, extra: list[str],
+             side: str) -> dict:
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    with tempfile.TemporaryDirectory(prefix="r2d2ds-vs-oc-") as run_dir:
+        cmd = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "train.py", "--config", CONFIG, f"--data.train={shards}", f"--data.micro_batch={bs}",
+               f"--data.num_workers={workers}", f"--train.steps={steps}", f"--train.ds_config={ds_config}",
+               f"--train.run_dir={run_dir}", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                   GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"r2d2ds run failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stdout[-3000:]}"
+                               f"\n{proc.stderr[-3000:]}")
+        recs = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "perf/samples_per_s" in r]
+    gbs = 2 * bs
+    step_s = [gbs / r["perf/samples_per_s"] for r in sorted(recs, key=lambda r: r["step"])]
+    if len(step_s) != steps:
+        raise RuntimeError(f"expected {steps} per-step records (train.log_every 1), got {len(step_s)}")
+    cmd[cmd.index(next(c for c in cmd if c.startswith("--train.run_dir=")))] = "--train.run_dir=RUN_DIR"
+    cmd[0], cmd[6] = "deepspeed", "PORT"
+    return {"side": side, "bs": bs, "samples_per_s": timed_rate(step_s, gbs, skip),
+            "peak_rss_mb_rank0": recs[-1]["memory/peak_gib"] * 1024, "step_s": step_s,
+            "tflops_per_rank": recs[-1].get("perf/tflops"), "mfu": recs[-1].get("perf/mfu"),
+            "command": "OMP_NUM_THREADS=1 MASTER_ADDR=127.0.0.1 GLOO_SOCKET_IFNAME=lo " + shlex.join(cmd)}
+
+
+def _rates(rows: list[dict]) -> str:
+    return ", ".join(f"{r['samples_per_s']:.1f}" for r in rows)
+
+
+def _median_rss(rows: list[dict]) -> float:
+    vals = [r["peak_rss_mb_rank0"] for r in rows if r.get("peak_rss_mb_rank0")]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
+    out = ["| per rank (global) | open_clip samples/s | r2d2ds samples/s | ratio per interleaved pair | "
+           "median pair ratio | peak RSS rank 0 MB (open_clip / r2d2ds) |", "|---|---|---|---|---|---|"]
+    full_lines = []
+    for bs in batch_sizes:
+        oc = [r for r in rows if r["bs"] == bs and r["side"] == "open_clip"]
+        us = [r for r in rows if r["bs"] == bs and r["side"] == "r2d2ds"]
+        full = [r for r in rows if r["bs"] == bs and r["side"] == "r2d2ds_full"]
+        pairs = [u["samples_per_s"] / o["samples_per_s"] for o, u in zip(oc, us)]
+        rss_o, rss_u = _median_rss(oc), _median_rss(us)
+        out.append(f"| {bs} ({2 * bs}) | {_rates(oc)} | {_rates(us)} | {', '.join(f'{p:.2f}' for p in pairs)} | "
+                   f"**{statistics.median(pairs) if pairs else float('nan'):.2f}** | {rss_o:.0f} / {rss_u:.0f} |")
+        if full:  # against the open_clip run of the same repeat (interleaved), not an unpaired median
+            ratios = [f["samples_per_s"] / o["samples_per_s"] for f in full for o in oc if o["repeat"] == f["repeat"]]
+            full_lines.append(f"| {bs} ({2 * bs}) | {_rates(full)} | {', '.join(f'{x:.2f}' for x in ratios)} |")
+    if full_lines:
+        out += ["", "Full R2D2 step (GCPR + TgD + FGR + FgD + MLM, 2 cross layers), same towers and data, as a ratio "
+                "to open_clip's contrastive step:", "", "| per rank (global) | r2d2ds full samples/s | "
+                "ratio to open_clip's run in the same repeat |", "|---|---|---|", *full_lines]
+    return "\n".join(out)
+
+
+def versions() -> dict:
+    """Installed versions of this side's stack, read from package metadata (nothing imported)."""
+    from importlib import metadata
+
+    v = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "timm", "transformers", "webdataset", "open_clip_torch"):
+        try:
+            v[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return v
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# Committed results name no folder of the machine that measured them: (absolute prefix, portable name) pairs.
+PORTABLE: list[tuple[str, str]] = []
+
+
+def portable(text: str) -> str:
+    for prefix, name in PORTABLE:
+        text = text.replace(prefix, name)
+    return text
+
+
+def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: list[int], args) -> str:
+    rows = json.loads(portable(json.dumps(rows)))
+    # a re-render (--render) keeps the measured run's date and final load; a live run stamps them now
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_avg_after": load_average(), **base_meta, "runs_done": len(rows)}
+    for r in rows:  # tables written before the port placeholder was fixed named the address PORT
+        r["command"] = re.sub(r"--master_addr PORT --master_port \d+", "--master_addr 127.0.0.1 --master_port PORT",
+                              r["command"])
+    (out / "vs_openclip.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = summarize(rows, batch_sizes)
+    cmds = sorted({r["command"] for r in rows})
+    lb, la = meta["load_avg_before"], meta["load_avg_after"]
+    md = [f"# open_clip's own loop vs r2d2ds, contrastive step, CPU ({meta['date']})", "",
+          f"{meta['cpu']}, {meta['cores']} cores; r2d2ds side: "
+          f"{', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; open_clip side: "
+          f"{meta.get('open_clip_side_versions') or 'see its README'}.",
+          f"2 ranks (gloo), fp32, {args.workers} loader worker per rank, {args.steps} steps, steps "
+          f"{args.skip + 1}-{args.steps} timed, runs interleaved, {len({r['repeat'] for r in rows})} of "
+          f"{args.repeats} repeats done. Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in lb)}; "
+          f"after: {', '.join(f'{x:.1f}' for x in la)} (a {meta['cores']}-core machine: above {meta['cores']} "
+          "means other work shared it; each run's own load is in the JSON).",
+          "", table, "", "Commands (r2d2ds from the repository root; RUN_DIR and PORT are per run):", "",
+          *[f"    {c}" for c in cmds], ""]
+    oc_exact = next((r["exact_command"] for r in rows if r.get("exact_command")), None)
+    if oc_exact:
+        md += ["open_clip's exact command (its cmd.txt):", "", f"    {oc_exact}", ""]
+    (out / "vs_openclip.md").write_text(portable("\n".join(md)))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bs", type=int, action="append", help="per-rank batch (repeatable); default 32 and 64")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--skip", type=int, default=3, help="untimed first steps (3: steps 4..20 timed)")
+    p.add_argument("--workers", type=int, default=1, help="data loader workers per rank (both sides)")
+    p.add_argument("--ds-config", default="ds_configs/zero1.json")
+    p.add_argument("--full-r2d2", action="store_true",
+                   help="also time the full R2D2 step (every term on), once per batch size in the first repeat")
+    p.add_argument("--openclip-dir", default=str(ROOT.parent / "shared" / "tools" / "openclip_baseline"))
+    p.add_argument("--shards", default=None, help="brace pattern of the baseline's shards (default: its setup's)")
+    p.add_argument("--out", default="benchmarks/results/cpu")
+    p.add_argument("--render", action="store_true", help="only re-write OUT's table from its vs_openclip.json")
+    args = p.parse_args(argv)
+    batch_sizes = args.bs or [32, 64]
+    oc_dir = Path(args.openclip_dir)
+    if not (oc_dir / "run_openclip.sh").is_file():
+        print(f"error: no open_clip baseline harness in {oc_dir} (pass --openclip-dir)", file=sys.stderr)
+        return 2
+    subprocess.run(["bash", str(oc_dir / "setup.sh")], check=True, capture_output=True)  # idempotent
+    ocbase = Path(os.environ.get("OCBASE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                 / "r2d2ds-openclip-baseline"))
+    shards_dir = Path(os.environ.get("SHARDS_DIR", ocbase / "shards"))
+    n = len(json.loads((shards_dir / "sizes.json").read_text()))
+    shards = args.shards or f"{shards_dir}/{{00000..{n - 1:05d}}}.tar"
+    PORTABLE.extend([(str(shards_dir.resolve()), "$OCBASE/shards"), (str(shards_dir), "$OCBASE/shards"),
+                     (str(ocbase.resolve()), "$OCBASE"), (str(ocbase), "$OCBASE"),
+                     (str(oc_dir.resolve()), "../shared/tools/openclip_baseline"),
+                     (str(oc_dir), "../shared/tools/openclip_baseline"), (str(ROOT), "."),
+                     (str(Path.home()), "~")])
+    if args.render:  # re-write the table from an existing JSON (e.g. a run cut short), nothing measured
+        data = json.loads((Path(args.out) / "vs_openclip.json").read_text())
+        print(write_results(Path(args.out), data["meta"], data["rows"], batch_sizes, args))
+        return 0
+
+    oc_py = Path(os.environ.get("VENV", ocbase / ".venv")) / "bin" / "python"
+    oc_versions = subprocess.run([str(oc_py), "-c", "import importlib.metadata as m; print(' '.join(n + ' ' + "
+                                  "m.version(n) for n in ('torch', 'open_clip_torch', 'timm', 'transformers', "
+                                  "'webdataset')))"], capture_output=True, text=True).stdout.strip()
+    load_before = load_average()
+    base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions(), "load_avg_before": load_before,
+                 "open_clip_side_versions": oc_versions,
+                 "steps": args.steps, "skip": args.skip, "workers": args.workers, "ds_config": args.ds_config,
+                 "config": CONFIG, "repeats": args.repeats}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for rep in range(args.repeats):
+        for bs in batch_sizes:
+            pair = [("open_clip", None), ("r2d2ds", [])]
+            # alternate which side goes first, so a load trend within a pair does not favour one side
+            full = [("r2d2ds_full", FULL_R2D2)] if args.full_r2d2 and rep == 0 else []  # once per batch size
+            sides = (pair if rep % 2 == 0 else pair[::-1]) + full
+            for side, extra in sides:
+                load = load_average()
+                if side == "open_clip":
+                    row = run_openclip(oc_dir, bs, args.steps, args.skip, args.workers)
+                else:
+                    row = run_ours(shards, bs, args.steps, args.skip, args.workers, args.ds_config, extra, side)
+                row.update(repeat=rep, load_avg_before=load)
+                rows.append(row)
+                print(f"rep {rep} bs {bs:>3} {side:<12} {row['samples_per_s']:7.1f} samples/s  "
+                      f"rss0 {row['peak_rss_mb_rank0'] or 0:.0f} MB  load {load[0]:.1f}", flush=True)
+                # written after every run: a cut-short session still leaves the interleaved pairs done so far
+                table = write_results(out, base_meta, rows, batch_sizes, args)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The arithmetic of benchmarks/bench_vs_openclip.py: timed window, per-pair ratios, the markdown table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bench_vs_openclip", ROOT / "benchmarks" / "bench_vs_openclip.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_timed_rate_skips_the_first_steps():
+    steps = [9.0, 9.0, 9.0] + [0.5] * 17  # slow warm-up steps must not count
+    assert bench.timed_rate(steps, global_batch=64, skip=3) == pytest.approx(17 * 64 / (17 * 0.5))
+
+
+def test_summary_ratios_are_ours_over_open_clip():
+    rows = []
+    for rep, (oc, us) in enumerate([(100.0, 120.0), (90.0, 99.0), (110.0, 110.0)]):
+        rows += [{"side": "open_clip", "bs": 32, "samples_per_s": oc, "peak_rss_mb_rank0": 780.0, "repeat": rep},
+                 {"side": "r2d2ds", "bs": 32, "samples_per_s": us, "peak_rss_mb_rank0": 700.0, "repeat": rep}]
+    rows.append({"side": "r2d2ds_full", "bs": 32, "samples_per_s": 50.0, "peak_rss_mb_rank0": 900.0, "repeat": 1})
+    table = bench.summarize(rows, [32])
+    line = next(ln for ln in table.splitlines() if ln.startswith("| 32 (64)"))
+    assert "1.20, 1.10, 1.00" in line  # per interleaved pair
+    assert "**1.10**" in line  # median of the pair ratios (not of unpaired runs)
+    assert "780 / 700" in line
+    assert "| 32 (64) | 50.0 | 0.56 |" in table  # the full step against the open_clip run of its repeat (90)
+
+
+def test_written_after_each_run(tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(workers=1, steps=20, skip=3, repeats=3)
+    meta = {"cpu": "cpu", "cores": 2, "versions": bench.versions(), "load_avg_before": [3.0, 2.0, 1.0]}
+    rows = [{"side": "open_clip", "bs": 32, "samples_per_s": 100.0, "peak_rss_mb_rank0": 780.0, "repeat": 0,
+             "command": "bash run_openclip.sh --bs 32", "exact_command": "torchrun ... --batch-size 32"}]
+    bench.write_results(tmp_path, meta, rows, [32, 64], args)  # one side of one pair done: still a valid file
+    rows.append({"side": "r2d2ds", "bs": 32, "samples_per_s": 105.0, "peak_rss_mb_rank0": 760.0, "repeat": 0,
+                 "command": "deepspeed ... train.py --data.micro_batch=32"})
+    bench.write_results(tmp_path, meta, rows, [32, 64], args)
+    data = json.loads((tmp_path / "vs_openclip.json").read_text())
+    assert data["meta"]["runs_done"] == 2 and len(data["meta"]["load_avg_after"]) == 3
+    md = (tmp_path / "vs_openclip.md").read_text()
+    assert "**1.05**" in md and "1 of 3 repeats done" in md and "3.0, 2.0, 1.0" in md
+    assert "deepspeed ... train.py --data.micro_batch=32" in md and "torchrun ... --batch-size 32" in md
