@@ -64,7 +64,7 @@ def build_itm_pairs(img_tokens: Tensor, txt_tokens: Tensor, attention_mask: Tens
     rank if already known (saves one small all-gather). `extra`: name -> (local (B, ...) tensor, "image" or
     "text") fetched with the same plan, returned in `stats` (e.g. embeddings for the counters)."""
     b, dev = img_tokens.shape[0], img_tokens.device
-    sizes = sizes if sizes is not None else gather_sizes(b, dev, group)
+    sizes = sizes if sizes is not None else gather_sizes(b, group)
     off = row_offset(sizes, group)
     # A row without a negative asks for its own row: served locally, no traffic, loss masked by `valid`.
     own = torch.arange(off, off + b, device=dev)
@@ -124,7 +124,7 @@ def fgr_loss(model: R2D2, img_tokens: Tensor, txt_tokens: Tensor, attention_mask
     global image-text matrix), fgr/neg_sim_lift (their difference), fgr/remote_frac, fgr/bytes_sent,
     fgr/bytes_recv (token bytes this rank sent / received)."""
     b = image_emb.shape[0]
-    sizes = gather_sizes(b, image_emb.device, group)
+    sizes = gather_sizes(b, group)
     if negatives is None:
         negatives = pick_negatives(image_emb, text_emb, logit_scale, labels, seed, sampling, group, impl)
     neg_txt, neg_img = negatives

@@ -223,7 +223,7 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice]) -> _Ca
     if f["fgr"]:
         fgr_seed, fuse = obj.fgr_draw(seed)
         group = fgr_group(lc.fgr_negative_scope)
-        sizes = gather_sizes(ids.shape[0], device, group)
+        sizes = gather_sizes(ids.shape[0], group)
         offset = row_offset(sizes, group)
         if fuse:  # the draw rides on a (no-grad) GCPR pass, exactly as in the one-shot forward
             _, (neg_txt, neg_img) = gcpr_loss(img_emb, txt_emb, scale, labels, impl=impl, negatives_seed=fgr_seed)

@@ -76,7 +76,7 @@ def sample_negatives(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, l
         return sample_hard_negatives(image_emb.detach(), text_emb.detach(), scale, labels=labels, group=group,
                                      seed=seed, impl=impl)
     b = image_emb.shape[0]
-    sizes = gather_sizes(b, image_emb.device, group)
+    sizes = gather_sizes(b, group)
     off = row_offset(sizes, group)
     img_all = all_gather_rows(image_emb, sizes, group)  # (N, D), no autograd: the draw has no gradient
     txt_all = all_gather_rows(text_emb, sizes, group)

@@ -83,7 +83,7 @@ def _exchange_rank(rank: int, world: int, pattern: str):
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     local = tokens[sl].clone().requires_grad_(True)
     idx = _requests(rank, world, pattern)
-    sizes = gather_sizes(B_LOCAL, local.device)
+    sizes = gather_sizes(B_LOCAL)
     (got, got_mask), plan = fetch_rows(idx, [local, mask[sl]], sizes)
     w = torch.randn(got.shape, generator=torch.Generator().manual_seed(200 + rank))
     (w * got).sum().backward()
