@@ -110,17 +110,17 @@ class SyntheticTrainer:
 
     train_step = Trainer.train_step
     _autocast = Trainer._autocast
-    _gathered = Trainer._gathered
     _ema_update = Trainer._ema_update
 
     def __init__(self, cfg, run_dir: Path):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from r2d2ds.engine import build_engine, fill_ds_config
+        from r2d2ds.engine import build_engine, fill_ds_config, model_hidden_size
+        from r2d2ds.losses.gradcache import GradCache, plan_batch
         from r2d2ds.losses.objective import R2D2Pretraining
         from r2d2ds.metrics import MetricLogger
-        from r2d2ds.models.ema import make_teacher
+        from r2d2ds.teacher import EMATeacher
         from r2d2ds.trainer import seed_everything
 
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -128,12 +128,15 @@ class SyntheticTrainer:
         seed_everything(cfg.train.seed)
         self.module = R2D2Pretraining(cfg.model, cfg.loss, vocab_size=VOCAB, pad_token_id=SPECIALS["pad"],
                                       mask_token_id=SPECIALS["mask"], special_token_ids=sorted(SPECIALS.values()))
-        self.teacher = make_teacher(self.module.model) if self.module.uses_teacher() else None
-        self.ds_config = fill_ds_config(cfg, 1)
+        self.plan = plan_batch(cfg, 1)  # train.global_batch / train.chunk_size (GradCache) as in the trainer
+        self.gradcache = GradCache(self.plan, cfg.train.gradcache_negatives) if self.plan.gradcache else None
+        self.teacher = EMATeacher(self.module.model, cfg.model.ema_momentum) if self.module.uses_teacher() else None
+        self.ds_config = fill_ds_config(self.plan.engine_config(cfg), 1,
+                                        hidden_size=model_hidden_size(self.module))
         self.engine = build_engine(self.module, cfg, self.ds_config)
         self.device = self.engine.device
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            self.teacher.place(self.engine)
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
         self.logger = MetricLogger(run_dir)
