@@ -289,11 +289,7 @@ def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
 
 
 def _all_ok(ok: bool, device) -> bool:
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    if rd.get_world_size() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = rd.all_reduce_min(torch.tensor([1.0 if ok else 0.0], device=device))  # on the comm device
     return bool(flag.item())  # host sync: once per candidate at resume
 
 

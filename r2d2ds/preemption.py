@@ -53,11 +53,7 @@ class StopControl:
     def poll(self) -> tuple[bool, bool]:
         """(stop, checkpoint due) agreed by all ranks. Collective: every rank calls it after every step."""
         due = self.interval_s > 0 and rd.is_main_process() and time.monotonic() - self._last_save >= self.interval_s
-        flags = torch.tensor([float(self.signum), float(due)], device=self.device)
-        if rd.get_world_size() > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = rd.all_reduce_max(torch.tensor([float(self.signum), float(due)], device=self.device))
         stop_sig, due = flags.tolist()  # host sync: one 2-element all-reduce per optimizer step
         if stop_sig and not self.signum:
             self.signum = int(stop_sig)

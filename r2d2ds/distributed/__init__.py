@@ -76,6 +76,11 @@ def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX, group)
 
 
+def all_reduce_min(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise min of `t` over ranks: a copy on `t`'s device (no autograd)."""
+    return _all_reduce(t, dist.ReduceOp.MIN, group)
+
+
 def all_gather_variable(t: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate `t` (rows may differ per rank) over ranks in rank order, on `t`'s device; no autograd.
     Used by eval."""

@@ -14,7 +14,8 @@ owner's rows (index_add via the indexing that built the send buffer), so gradien
 
 Collective: every rank of `group` must call it, in the same order, even with zero requests (ZeRO and data
 parallelism keep ranks in lock-step anyway; an empty request list still takes part in every all-to-all).
-Tensors travel on their own device (CUDA for NCCL); no CPU tensor is created for a collective.
+Every collective runs on `comm_device(group)` (CUDA under NCCL, CPU under gloo); results come back on the
+caller's device.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from r2d2ds.distributed import get_rank, get_world_size
+from r2d2ds.distributed import get_rank, get_world_size, to_comm
 
 __all__ = ["RowExchange", "fetch_rows", "plan_row_exchange", "plan_row_exchanges"]
 
@@ -96,6 +97,7 @@ def plan_row_exchanges(index_sets: list[torch.Tensor], sizes: list[int], group=N
         return [RowExchange(inv, rows, rows[:0], [0], [0], group) for inv, rows in local]
 
     want = torch.stack([torch.bincount(o, minlength=world) for _, o in remote], dim=1)  # (W, K) rows I ask r
+    want = to_comm(want, group).contiguous()  # the backend's device (CUDA under NCCL), see comm_device
     asked = torch.empty_like(want)
     dist.all_to_all_single(asked, want, group=group)  # asked[r, k]: rows of set k that rank r asks of me
     counts = torch.cat([want.flatten(), asked.flatten(), bad]).tolist()  # host sync: split sizes are shapes
@@ -105,10 +107,11 @@ def plan_row_exchanges(index_sets: list[torch.Tensor], sizes: list[int], group=N
     # One id all-to-all for every set: to rank r go [set 0's ids owned by r, set 1's, ...].
     pieces = [torch.split(ids, [want_l[r][k] for r in range(world)]) for k, (ids, _) in enumerate(remote)]
     send_ids = torch.cat([pieces[k][r] for r in range(world) for k in range(k_sets)])
+    send_ids = to_comm(send_ids, group).contiguous()
     recv_ids = send_ids.new_empty(sum(map(sum, asked_l)))
     dist.all_to_all_single(recv_ids, send_ids, output_split_sizes=[sum(a) for a in asked_l],
                            input_split_sizes=[sum(w) for w in want_l], group=group)
-    got = torch.split(recv_ids - starts[rank], [a for r in range(world) for a in asked_l[r]])
+    got = torch.split(recv_ids.to(device) - starts[rank], [a for r in range(world) for a in asked_l[r]])
     plans = []
     for k, (inv, rows) in enumerate(local):
         send_rows = torch.cat([got[r * k_sets + k] for r in range(world)])
@@ -147,8 +150,11 @@ def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[in
     out = send.new_empty((sum(recv_counts), *send.shape[1:]))
     if get_world_size(group) == 1:
         return out.copy_(send)
-    # Split sizes count rows: flatten each row so the collective sees (rows, row_elems) contiguous memory.
+    # Split sizes count rows: flatten each row so the collective sees (rows, row_elems) contiguous memory. The
+    # rows travel on the backend's device (comm_device) and come back on the caller's: a no-op copy when the
+    # compute already lives there (CUDA tensors under NCCL, CPU under gloo).
     row = math.prod(send.shape[1:])
-    dist.all_to_all_single(out.view(out.shape[0], row), send.contiguous().view(send.shape[0], row),
+    buf = to_comm(out, group)
+    dist.all_to_all_single(buf.view(buf.shape[0], row), to_comm(send, group).contiguous().view(send.shape[0], row),
                            output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
-    return out
+    return buf.to(send.device)
