@@ -80,7 +80,7 @@ def test_zero3_resume_restores_the_partitioned_teacher(tmp_path):
     full = tmp_path / "full"
     launch(full, f"--data.train={data}", f"--train.ds_config={ds}", "--train.steps=5", "--train.ckpt_every=3")
     tag = tmp_path / "full" / "checkpoints" / "step00000003"
-    assert sorted(p.name for p in tag.glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in tag.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints", resumed / "checkpoints")
     (resumed / "checkpoints" / "latest").write_text("step00000003\n")
