@@ -178,8 +178,9 @@ def _file_owner(name: str) -> int:
 
 def _fsync_own_files(tag_dir: Path, rank: int) -> None:
     # Each rank flushes what it wrote (on a multi-node filesystem only the writer's fsync is meaningful).
+    # Another rank's temp file (rank<R>.safetensors.tmp, renamed any moment) is never ours: skip temp names.
     for p in tag_dir.iterdir():
-        if p.is_file() and _file_owner(p.name) == rank:
+        if p.suffix != ".tmp" and p.is_file() and _file_owner(p.name) == rank:
             fsync_file(p)
 
 
