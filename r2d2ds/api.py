@@ -22,7 +22,7 @@ from torch import Tensor
 import r2d2ds  # noqa: F401  (torchvision shim before timm/transformers)
 from r2d2ds.config import Config
 from r2d2ds.model_dir import build_model, load_model_dir
-from r2d2ds.rerank import itm_scorer, rerank
+from r2d2ds.rerank import RerankScore, itm_scorer, rerank
 
 __all__ = ["R2D2Retriever", "build_model", "load"]
 
@@ -108,7 +108,8 @@ class R2D2Retriever:
         """Two-stage ranking of `images` for every text and of `texts` for every image.
 
         Returns, with N images and T texts:
-          "scores" (T, N): sim + mean ITM match probability on each text's top-k images, plain sim elsewhere;
+          "scores" (T, N): the re-rank score (eval.rerank, r2d2ds.rerank.RerankScore) on each text's top-k
+            images, below all of them elsewhere in pre-rank order;
           "order" (T, N): image indices per text, best first (re-ranked top-k, then the rest by sim);
           "similarity" (T, N): the two-tower cosine similarities;
           "image_to_text": {"scores" (N, T), "order" (N, T)}: the same for image queries;
@@ -122,7 +123,9 @@ class R2D2Retriever:
         txt_tok, txt_emb = self._encode_texts(ids, mask)
         sim = img_emb.float() @ txt_emb.float().t()  # (N, T)
         scorer = itm_scorer(self.model, img_tok, txt_tok, mask.to(self.device), self.batch_size)
-        t2i, i2t = rerank(sim, k, scorer)
+        ec = self.config.eval  # the re-rank score the model was evaluated with (weight as calibrated in training)
+        score = RerankScore(ec.rerank, ec.rerank_weight, float(self.model.logit_scale()))
+        t2i, i2t = rerank(sim, k, scorer, score)
         return {"scores": t2i.scores.cpu(), "order": t2i.order.cpu(), "similarity": sim.t().cpu(),
                 "image_to_text": {"scores": i2t.scores.cpu(), "order": i2t.order.cpu()}, "topk": k}
 

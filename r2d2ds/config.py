@@ -51,6 +51,9 @@ class ModelConfig:
     image_kwargs: dict[str, Any] = field(default_factory=dict)
     image_pretrained: bool = False  # True needs the weights in the local HF cache (no hub access at run time)
     image_checkpoint: str | None = None  # optional local state_dict / safetensors file for the image tower
+    # Keep the image tower as loaded (pretrained features): no gradient, no optimizer state, BatchNorm statistics
+    # frozen too (eval mode). The projection and the cross encoders' image input still train.
+    image_freeze: bool = False
     # Text tower: a transformers BERT-family name, local directory or config.json; text_config overrides fields.
     # "config": BertConfig(**text_config) from scratch (no hub); a name is read from the local cache only.
     text_model: str = "bert-base-chinese"
@@ -75,6 +78,8 @@ class ModelConfig:
         _check(self.cross_heads >= 1, "model.cross_heads", f"must be >= 1, got {self.cross_heads}")
         _nonempty(self, "model", "image_model", "text_model")
         _check(self.image_checkpoint != "", "model.image_checkpoint", "must be a file path or null")
+        _check(not self.image_freeze or self.image_pretrained or bool(self.image_checkpoint), "model.image_freeze",
+               "freezes a randomly initialised image tower: set model.image_checkpoint or model.image_pretrained")
         _check(self.cross_ffn >= 0, "model.cross_ffn", f"must be >= 0 (0: 4 x width), got {self.cross_ffn}")
         _check(0.0 <= self.cross_dropout < 1.0, "model.cross_dropout", "must be in [0, 1)")
         _check(self.temperature_min > 0, "model.temperature_min", f"must be > 0, got {self.temperature_min}")
@@ -254,11 +259,25 @@ class EvalConfig:
     topk: int = 128  # re-ranked candidates per query (released: 128)
     batch_size: int = 64
     max_images: int = 0  # 0: the whole split
+    # Re-rank score of the top-k (r2d2ds/rerank.py): fused = mean ITM log-odds + rerank_weight x logit scale x
+    # cosine; released = cosine + mean ITM match probability (yuxie11/R2D2).
+    rerank: str = "fused"
+    rerank_weight: float = 1.0
+    # A split of data.val to choose rerank_weight on (from rerank_weights, by two-stage MR) before the reported
+    # split (data.val_split) is evaluated; empty: rerank_weight as given. Never the reported split itself.
+    calibration_split: str = ""
+    rerank_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
     def __post_init__(self) -> None:
         _check(self.topk >= 1, "eval.topk", f"must be >= 1, got {self.topk}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.max_images >= 0, "eval.max_images", "must be >= 0 (0: the whole split)")
+        _check(self.rerank in ("fused", "released"), "eval.rerank",
+               f"must be 'fused' or 'released', got {self.rerank!r}")
+        _check(self.rerank_weight >= 0, "eval.rerank_weight", f"must be >= 0, got {self.rerank_weight}")
+        self.rerank_weights = tuple(float(w) for w in self.rerank_weights)
+        _check(len(self.rerank_weights) >= 1 and min(self.rerank_weights) >= 0, "eval.rerank_weights",
+               f"must be a non-empty list of numbers >= 0, got {list(self.rerank_weights)}")
 
 
 @dataclass
@@ -268,6 +287,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check_keys(not self.eval.calibration_split or self.eval.calibration_split != self.data.val_split,
+                    ("eval.calibration_split", "data.val_split"),
+                    "must differ: a re-rank weight chosen on the reported split overstates it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,11 +1,13 @@
 """Two-stage retrieval evaluation (pre-rank with the towers, re-rank the top-k with both cross encoders).
 
-Protocol as released (yuxie11/R2D2): sim = cosine(f_I, f_T) (no logit scale); for every query the top-k
-candidates by sim are re-scored with score = sim + (p_itm_text_query + p_itm_image_query) / 2, where p is the
-softmax probability of class 1 (match); everything outside the top-k keeps its pre-rank order below the
-re-ranked ones. k = min(topk, #candidates). Reported as Recall@1/5/10 for text->image and image->text (an
-image counts as found when ANY of its captions is in the top K, the Flickr/COCO protocol) and their mean (MR),
-for the two-tower stage alone and for the two stages, as percentages.
+Protocol (yuxie11/R2D2's, with our score): sim = cosine(f_I, f_T); for every query the top-k candidates by
+sim are re-scored (eval.rerank, r2d2ds/rerank.py): by default the fused score mean ITM log-odds + w x logit
+scale x sim, with w chosen on eval.calibration_split when one is given (`evaluate_calibrated`), or the released
+sim + mean ITM match probability; everything outside the top-k keeps its pre-rank order below the re-ranked
+ones. k = min(topk, #candidates). The two-stage MR at every w of eval.rerank_weights is reported as well
+(`two_stage_mr_by_weight`, from the same ITM scores: no extra cross-encoder pass). Reported as Recall@1/5/10
+for text->image and image->text (an image counts as found when ANY of its captions is in the top K, the
+Flickr/COCO protocol) and their mean (MR), for the two-tower stage alone and for the two stages, as percentages.
 
 Several ranks: every rank holds the same split; rank r embeds its contiguous slice of images and texts, and
 embeddings and tokens are all-gathered so every rank has the full similarity matrix and every candidate's
@@ -26,6 +28,7 @@ Command: `python -m r2d2ds.eval --model EXPORT_DIR --data SPEC [--split val] [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 from r2d2ds.config import EvalConfig
 from r2d2ds.distributed import all_gather_variable, get_rank, get_world_size, is_main_process
 from r2d2ds.fileio import atomic_write_text
-from r2d2ds.rerank import itm_scorer, padded_batches, rerank
+from r2d2ds.rerank import RerankScore, itm_scorer, padded_batches, rerank
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS) + ("mr",)
@@ -118,12 +121,21 @@ def _encode_all(encode: Callable[[Tensor], tuple[Tensor, Tensor]], n: int, batch
     return tokens, emb
 
 
+def _gathered_recalls(t2i_order: Tensor, i2t_order: Tensor, gt_q: Tensor, img_ids: Tensor, gt: Tensor,
+                      group) -> dict[str, float]:
+    """Recalls of this rank's query slices' orders, gathered over `group` (every rank gets all queries')."""
+    t2i_pos = hit_positions_t2i(t2i_order, gt_q)
+    i2t_pos = hit_positions_i2t(i2t_order, img_ids, gt)
+    return recalls(all_gather_variable(t2i_pos, group).cpu(), all_gather_variable(i2t_pos, group).cpu())
+
+
 def evaluate(model: nn.Module, split: Any, eval_cfg: EvalConfig, device: torch.device | str | None = None,
-             group=None) -> dict[str, Any]:
+             group=None, weight: float | None = None) -> dict[str, Any]:
     """Two-tower and two-stage Recall@1/5/10 (percent) of `model` (an R2D2) on a retrieval split.
 
     `split` has images (N, 3, H, W) float, input_ids / attention_mask (T, L) and text_to_image (T,) int64.
-    Every rank of `group` must call this with the same split; all get the same metrics.
+    `weight`: the fused score's w (default eval_cfg.rerank_weight). Every rank of `group` must call this with
+    the same split; all get the same metrics.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     world, rank = get_world_size(group), get_rank(group)
@@ -144,24 +156,54 @@ def evaluate(model: nn.Module, split: Any, eval_cfg: EvalConfig, device: torch.d
             txt_tok, txt_emb = _encode_all(
                 lambda i: model.encode_text(input_ids[i].to(device), attention_mask[i].to(device)),
                 n_txt, bs, device, group)
-            # Cosine in fp32, no logit scale: the released re-rank score adds probabilities to it.
+            # Cosine in fp32; the fused score multiplies it by the learned logit scale itself.
             sim = img_emb.float() @ txt_emb.float().t()  # (N_img, T)
+            scale = float(model.logit_scale())
+            score = RerankScore(eval_cfg.rerank, eval_cfg.rerank_weight if weight is None else weight, scale)
             mask = attention_mask.to(device)
             scorer = itm_scorer(model, img_tok, txt_tok, mask, bs, lockstep=True, group=group)
             text_rows, image_rows = shard(n_txt, world, rank), shard(n_img, world, rank)
-            t2i, i2t = rerank(sim, eval_cfg.topk, scorer, text_rows=text_rows, image_rows=image_rows)
+            t2i, i2t = rerank(sim, eval_cfg.topk, scorer, score, text_rows=text_rows, image_rows=image_rows)
             gt = text_to_image.to(device)
-            img_ids = torch.arange(n_img, device=device)[image_rows]
-            pos = {}
-            for stage, field in (("two_tower", "pre_order"), ("two_stage", "order")):
-                t2i_pos = hit_positions_t2i(getattr(t2i, field), gt[text_rows])
-                i2t_pos = hit_positions_i2t(getattr(i2t, field), img_ids, gt)
-                pos[stage] = (all_gather_variable(t2i_pos, group).cpu(), all_gather_variable(i2t_pos, group).cpu())
+            args = (gt[text_rows], torch.arange(n_img, device=device)[image_rows], gt, group)
+            out: dict[str, Any] = {"two_tower": _gathered_recalls(t2i.pre_order, i2t.pre_order, *args),
+                                   "two_stage": _gathered_recalls(t2i.order, i2t.order, *args)}
+            # The same ITM scores under every w of the grid: what calibration chooses from, and the evidence of
+            # how much each stage contributes (w = 0: the cross encoders alone; large w: the towers' order).
+            by_weight = []  # [[w, two-stage MR], ...] in the grid's order
+            for w in eval_cfg.rerank_weights if eval_cfg.rerank == "fused" else ():
+                s_w = RerankScore("fused", w, scale)
+                by_weight.append([w, _gathered_recalls(t2i.reorder(s_w), i2t.reorder(s_w), *args)["mr"]])
     finally:
         model.train(was_training)
-    out: dict[str, Any] = {stage: recalls(*p) for stage, p in pos.items()}
     out.update(num_images=n_img, num_texts=n_txt, topk=eval_cfg.topk,
-               topk_effective={"t2i": min(eval_cfg.topk, n_img), "i2t": min(eval_cfg.topk, n_txt)})
+               topk_effective={"t2i": min(eval_cfg.topk, n_img), "i2t": min(eval_cfg.topk, n_txt)},
+               rerank={"mode": score.mode, "weight": score.weight, "logit_scale": scale},
+               two_stage_mr_by_weight=by_weight)
+    return out
+
+
+def best_weight(mr_by_weight: list[list[float]]) -> float:
+    """The w of [[w, MR], ...] with the highest two-stage MR; ties go to the larger w (closer to the towers'
+    own order)."""
+    if not mr_by_weight:
+        raise ValueError("no two-stage MR per weight to choose from (eval.rerank must be 'fused')")
+    return max((mr, w) for w, mr in mr_by_weight)[1]
+
+
+def evaluate_calibrated(model: nn.Module, split: Any, eval_cfg: EvalConfig, calibration: Any | None,
+                        device: torch.device | str | None = None, group=None) -> dict[str, Any]:
+    """`evaluate` on `split`, with the fused score's w first chosen on the `calibration` split (by its
+    two-stage MR over eval_cfg.rerank_weights) when one is given and eval.rerank is fused; metrics["calibration"]
+    records the choice and the calibration split's whole MR curve."""
+    if calibration is None or eval_cfg.rerank != "fused":
+        return evaluate(model, split, eval_cfg, device=device, group=group)
+    cal = evaluate(model, calibration, eval_cfg, device=device, group=group)
+    w = best_weight(cal["two_stage_mr_by_weight"])
+    out = evaluate(model, split, eval_cfg, device=device, group=group, weight=w)
+    out["calibration"] = {"split": eval_cfg.calibration_split, "weight": w,
+                          "two_tower_mr": cal["two_tower"]["mr"], "two_stage_mr": cal["two_stage"]["mr"],
+                          "two_stage_mr_by_weight": cal["two_stage_mr_by_weight"]}
     return out
 
 
@@ -169,12 +211,23 @@ def evaluate(model: nn.Module, split: Any, eval_cfg: EvalConfig, device: torch.d
 # Reporting.
 
 
+def _rerank_note(metrics: dict[str, Any]) -> str:
+    r = metrics.get("rerank")
+    if not r:
+        return ""
+    if r["mode"] == "released":
+        return ", re-rank: released (cosine + ITM probability)"
+    cal = metrics.get("calibration")
+    where = f" chosen on '{cal['split']}'" if cal else ""
+    return f", re-rank: ITM log-odds + {r['weight']:g}{where} x {r['logit_scale']:.3g} x cosine"
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """Rows two-tower / two-stage; columns t2i R@1 R@5 R@10, i2t R@1 R@5 R@10, MR (percent)."""
     head = (f"{'stage':<10} | {'t2i R@1':>7} {'R@5':>6} {'R@10':>6} | "
             f"{'i2t R@1':>7} {'R@5':>6} {'R@10':>6} | {'MR':>6}")
     lines = [f"retrieval: {metrics.get('num_images', '?')} images, {metrics.get('num_texts', '?')} texts, "
-             f"top-k {metrics.get('topk', '?')}", head, "-" * len(head)]
+             f"top-k {metrics.get('topk', '?')}{_rerank_note(metrics)}", head, "-" * len(head)]
     for key, label in (("two_tower", "two-tower"), ("two_stage", "two-stage")):
         m = metrics.get(key)
         if m is None:
@@ -219,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=None, help="re-ranked per query (default: config's)")
     p.add_argument("--batch-size", type=int, default=None, help="rows/pairs per forward (default: config's)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images (0: all)")
+    p.add_argument("--rerank", choices=("fused", "released"), default=None,
+                   help="re-rank score (default: the model's config, eval.rerank)")
+    p.add_argument("--rerank-weight", type=float, default=None,
+                   help="fused score's weight of the towers' logit (default: the model's, as calibrated in training)")
+    p.add_argument("--calibration-split", default=None,
+                   help="choose the weight on this split of --data first (never the evaluated --split)")
     p.add_argument("--out", default="eval.json", help="metrics JSON path (default: eval.json)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     return p
@@ -243,18 +302,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         pick = lambda arg, default: arg if arg is not None else default
-        eval_cfg = EvalConfig(topk=pick(args.topk, cfg.eval.topk),
-                              batch_size=pick(args.batch_size, cfg.eval.batch_size),
-                              max_images=pick(args.max_images, cfg.eval.max_images))
+        try:
+            eval_cfg = dataclasses.replace(
+                cfg.eval, topk=pick(args.topk, cfg.eval.topk), batch_size=pick(args.batch_size, cfg.eval.batch_size),
+                max_images=pick(args.max_images, cfg.eval.max_images), rerank=pick(args.rerank, cfg.eval.rerank),
+                rerank_weight=pick(args.rerank_weight, cfg.eval.rerank_weight),
+                calibration_split=pick(args.calibration_split, ""))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if eval_cfg.calibration_split and eval_cfg.calibration_split == args.split:
+            print(f"error: --calibration-split must differ from --split ({args.split!r}): a weight chosen on the "
+                  "reported split overstates it", file=sys.stderr)
+            return 2
         if not (os.path.exists(args.data) or any(c in args.data for c in "{*")):
             print(f"error: dataset '{args.data}' does not exist", file=sys.stderr)
             return 2
         from r2d2ds.data import load_retrieval_split
 
-        split = load_retrieval_split(args.data, args.split, tokenizer, cfg.data.image_size,
-                                     max_images=eval_cfg.max_images, max_text_len=cfg.data.max_text_len,
-                                     limits=cfg.data)
-        metrics = evaluate(model, split, eval_cfg, device=device)
+        load = lambda name: load_retrieval_split(args.data, name, tokenizer, cfg.data.image_size,
+                                                 max_images=eval_cfg.max_images, max_text_len=cfg.data.max_text_len,
+                                                 limits=cfg.data)
+        calibration = load(eval_cfg.calibration_split) if eval_cfg.calibration_split else None
+        metrics = evaluate_calibrated(model, load(args.split), eval_cfg, calibration, device=device)
         if is_main_process():
             print_table(metrics)
             write_eval_json(metrics, args.out)

@@ -228,14 +228,20 @@ class Trainer:
     # -------------------------------------------------------------------------------- eval, export
     def evaluate(self) -> dict[str, Any]:
         from r2d2ds.data import load_retrieval_split
-        from r2d2ds.eval import evaluate, format_table, write_eval_json
+        from r2d2ds.eval import evaluate_calibrated, format_table, write_eval_json
 
         if self._eval_split is None:
-            self._eval_split = load_retrieval_split(self.cfg.data.val, self.cfg.data.val_split, self.tokenizer,
-                                                    self.cfg.data.image_size, max_images=self.cfg.eval.max_images,
-                                                    max_text_len=self.cfg.data.max_text_len, limits=self.cfg.data)
+            load = lambda name: load_retrieval_split(self.cfg.data.val, name, self.tokenizer, self.cfg.data.image_size,
+                                                     max_images=self.cfg.eval.max_images,
+                                                     max_text_len=self.cfg.data.max_text_len, limits=self.cfg.data)
+            cal = self.cfg.eval.calibration_split
+            self._eval_split = (load(self.cfg.data.val_split), load(cal) if cal else None)
+        split, calibration = self._eval_split
         with self._autocast():
-            metrics = evaluate(self.engine.module.model, self._eval_split, self.cfg.eval, device=self.device)
+            metrics = evaluate_calibrated(self.engine.module.model, split, self.cfg.eval, calibration,
+                                          device=self.device)
+        if "calibration" in metrics:  # the export (and r2d2ds.api's rank) re-ranks with the chosen weight
+            self.cfg.eval.rerank_weight = metrics["calibration"]["weight"]
         self.engine.train()
         flat = {f"eval/{stage}/{k}": v for stage in ("two_tower", "two_stage") for k, v in metrics[stage].items()}
         self.logger.write({"step": self.step, **flat})

@@ -14,6 +14,7 @@ import r2d2ds  # noqa: F401  (torchvision shim first)
 from r2d2ds.config import EvalConfig, ModelConfig
 from r2d2ds.eval import (
     METRIC_KEYS,
+    best_weight,
     format_table,
     hit_positions_i2t,
     hit_positions_t2i,
@@ -23,6 +24,7 @@ from r2d2ds.eval import (
     shard,
     write_eval_json,
 )
+from r2d2ds.rerank import RerankScore
 
 
 def tiny_model_config() -> ModelConfig:
@@ -112,43 +114,58 @@ def test_shard_covers_range_contiguously():
 # ------------------------------------------------------------------------------------------------ re-rank
 
 
-def test_rerank_reorders_topk_by_sim_plus_mean_itm_and_keeps_the_rest():
-    n_img, n_txt = 6, 3
-    sim = torch.tensor([[0.60, 0.10, 0.20],
+SIM_6x3 = torch.tensor([[0.60, 0.10, 0.20],
                         [0.50, 0.20, 0.30],
                         [0.40, 0.30, 0.10],
                         [0.30, 0.40, 0.00],
                         [0.20, 0.50, 0.40],
                         [0.10, 0.60, 0.50]])  # (N_img, T)
-    # Hand-built mean ITM probability of every (text, image) pair.
-    prob = torch.rand(n_txt, n_img, generator=torch.Generator().manual_seed(0))
-    # Text 0: image 2 jumps ahead; image 5 has the top probability but is outside the top-3.
-    prob[0] = torch.tensor([0.0, 0.05, 0.9, 0.0, 0.0, 0.99])
+
+
+def _log_odds(n_txt: int, n_img: int, seed: int = 0) -> torch.Tensor:
+    """Hand-built (T, N_img, 2) ITM log-odds of every (text, image) pair, one column per head."""
+    return torch.randn(n_txt, n_img, 2, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("score", [RerankScore("released"), RerankScore("fused", 0.5, 10.0),
+                                   RerankScore("fused", 0.0, 10.0)])
+def test_rerank_reorders_topk_by_the_score_and_keeps_the_rest(score):
+    sim = SIM_6x3
+    n_img, n_txt = sim.shape
+    lo = _log_odds(n_txt, n_img)
+    # Text 0: image 2 has by far the best ITM; image 5 even better but it is outside the top-3.
+    lo[0] = torch.tensor([[-4.0, -4.0], [-3.0, -3.0], [4.0, 4.0], [-4.0, -4.0], [-4.0, -4.0], [9.0, 9.0]])
     calls = []
 
     def scorer(txt_idx, img_idx):
         calls.append(torch.stack([txt_idx, img_idx], 1))
-        return prob[txt_idx, img_idx]
+        return lo[txt_idx, img_idx]
 
-    t2i, i2t = rerank(sim, 3, scorer)
-    # Text 0: pre-order 0,1,2,3,4,5; top-3 scores 0.60, 0.55, 1.30 -> 2,0,1; the rest 3,4,5 in pre-order,
-    # even though image 5 has the highest ITM probability (it is outside the top-k).
-    assert t2i.order[0].tolist() == [2, 0, 1, 3, 4, 5]
+    def expected(s, itm):  # the module docstring's formulas, written out
+        if score.mode == "released":
+            return s + torch.sigmoid(itm).mean(-1)
+        return itm.mean(-1) + score.weight * score.logit_scale * s
+
+    t2i, i2t = rerank(sim, 3, scorer, score)
+    # Text 0: image 2 jumps ahead; the rest 3,4,5 stay in pre-order although image 5 has the top ITM.
+    assert t2i.order[0, 0].item() == 2 and t2i.order[0, 3:].tolist() == [3, 4, 5]
     assert t2i.pre_order[0].tolist() == [0, 1, 2, 3, 4, 5]
     for q in range(n_txt):
         pre = torch.sort(sim[:, q], descending=True, stable=True).indices
-        top = pre[:3]
-        new = sim[top, q] + prob[q, top]
-        expect = top[torch.sort(new, descending=True, stable=True).indices].tolist() + pre[3:].tolist()
+        top, rest = pre[:3], pre[3:]
+        new = expected(sim[top, q], lo[q, top])
+        expect = top[torch.sort(new, descending=True, stable=True).indices].tolist() + rest.tolist()
         assert t2i.order[q].tolist() == expect
         assert torch.allclose(t2i.scores[q, top], new)
-        rest = pre[3:]
-        assert torch.equal(t2i.scores[q, rest], sim[rest, q])
         assert t2i.scores[q, rest].max() <= t2i.scores[q, top].min()  # scores order like `order`
+        assert torch.equal(torch.sort(t2i.scores[q, rest], descending=True, stable=True).indices,
+                           torch.arange(3))  # the rest keeps its pre-rank order in the scores too
+        if score.mode == "released":
+            assert torch.equal(t2i.scores[q, rest], sim[rest, q])
     for i in range(n_img):
         pre = torch.sort(sim[i], descending=True, stable=True).indices
         top = pre[:3]
-        new = sim[i, top] + prob[top, i]
+        new = expected(sim[i, top], lo[top, i])
         expect = top[torch.sort(new, descending=True, stable=True).indices].tolist() + pre[3:].tolist()
         assert i2t.order[i].tolist() == expect
     # Each candidate pair scored exactly once, though many are candidates in both directions.
@@ -159,15 +176,50 @@ def test_rerank_reorders_topk_by_sim_plus_mean_itm_and_keeps_the_rest():
 
 def test_rerank_k_larger_than_candidates_and_query_slices():
     sim = torch.randn(4, 5)
-    prob = torch.rand(5, 4)
-    scorer = lambda t, i: prob[t, i]
-    full_t2i, full_i2t = rerank(sim, 128, scorer)  # k = min(128, 4 images) / min(128, 5 texts)
+    lo = _log_odds(5, 4)
+    scorer = lambda t, i: lo[t, i]
+    score = RerankScore("fused", 1.0, 5.0)
+    full_t2i, full_i2t = rerank(sim, 128, scorer, score)  # k = min(128, 4 images) / min(128, 5 texts)
     assert full_t2i.order.shape == (5, 4) and full_i2t.order.shape == (4, 5)
-    expect = torch.sort(sim.t() + prob, dim=1, descending=True, stable=True).indices
+    expect = torch.sort(lo.mean(-1) + 5.0 * sim.t(), dim=1, descending=True, stable=True).indices
     assert torch.equal(full_t2i.order, expect)  # everything re-ranked
-    part_t2i, part_i2t = rerank(sim, 128, scorer, text_rows=slice(2, 5), image_rows=slice(1, 2))
+    part_t2i, part_i2t = rerank(sim, 128, scorer, score, text_rows=slice(2, 5), image_rows=slice(1, 2))
     assert torch.equal(part_t2i.order, full_t2i.order[2:5])
     assert torch.equal(part_i2t.order, full_i2t.order[1:2])
+
+
+def test_reorder_matches_a_fresh_rerank_and_the_weight_moves_between_the_stages():
+    """Ranking.reorder (the calibration sweep) gives exactly what re-ranking with that score gives; w = 0 is
+    the ITM order alone and a large w gives back the towers' order."""
+    g = torch.Generator().manual_seed(3)
+    sim = torch.rand(9, 12, generator=g)
+    lo = _log_odds(12, 9, seed=4)
+    scorer = lambda t, i: lo[t, i]
+    t2i, i2t = rerank(sim, 4, scorer, RerankScore("fused", 1.0, 20.0))
+    for w in (0.0, 0.3, 2.0):
+        s = RerankScore("fused", w, 20.0)
+        f_t2i, f_i2t = rerank(sim, 4, scorer, s)
+        assert torch.equal(t2i.reorder(s), f_t2i.order) and torch.equal(i2t.reorder(s), f_i2t.order)
+    itm_only = t2i.reorder(RerankScore("fused", 0.0, 20.0))
+    by_itm = torch.sort(lo.mean(-1).gather(1, t2i.cand), dim=1, descending=True, stable=True).indices
+    assert torch.equal(itm_only[:, :4], t2i.cand.gather(1, by_itm))
+    assert torch.equal(t2i.reorder(RerankScore("fused", 1e6, 20.0)), t2i.pre_order)
+
+
+def test_rerank_score_rejects_bad_settings():
+    with pytest.raises(ValueError, match="mode"):
+        RerankScore("sum")
+    with pytest.raises(ValueError, match="weight"):
+        RerankScore("fused", float("inf"))
+    with pytest.raises(ValueError, match="weight"):
+        RerankScore("fused", -1.0)
+
+
+def test_best_weight_takes_the_best_mr_and_breaks_ties_towards_the_towers():
+    assert best_weight([[0.0, 70.0], [1.0, 82.0], [4.0, 81.0]]) == 1.0
+    assert best_weight([[0.5, 80.0], [2.0, 82.0], [8.0, 82.0], [16.0, 79.0]]) == 8.0
+    with pytest.raises(ValueError):
+        best_weight([])
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -196,19 +248,45 @@ def test_evaluate_tiny_model_end_to_end():
         img_tok, img_emb = model.encode_image(split.images)
         txt_tok, txt_emb = model.encode_text(split.input_ids, split.attention_mask)
         sim = img_emb.float() @ txt_emb.float().t()
-        t2i, i2t = rerank(sim, 3, itm_scorer(model, img_tok, txt_tok, split.attention_mask, 5))
+        scale = float(model.logit_scale())
+        score = RerankScore(cfg.rerank, cfg.rerank_weight, scale)
+        t2i, i2t = rerank(sim, 3, itm_scorer(model, img_tok, txt_tok, split.attention_mask, 5), score)
     gt = split.text_to_image
     for stage, field in (("two_tower", "pre_order"), ("two_stage", "order")):
         expect = recalls(hit_positions_t2i(getattr(t2i, field), gt),
                          hit_positions_i2t(getattr(i2t, field), torch.arange(7), gt))
         for k in METRIC_KEYS:
             assert m[stage][k] == pytest.approx(expect[k]), (stage, k)
-    # The score of a re-ranked pair is sim + the mean of both ITM heads' match probabilities.
+    # The score of a re-ranked pair is the mean of both ITM heads' log-odds + w x logit scale x sim.
     t, i = 0, int(t2i.order[0, 0])
     with torch.no_grad():
         tq, iq = model.itm_logits(img_tok[i:i + 1], txt_tok[t:t + 1], split.attention_mask[t:t + 1])
-    p = (tq.softmax(-1)[0, 1] + iq.softmax(-1)[0, 1]) / 2
-    assert t2i.scores[0, i].item() == pytest.approx(sim[i, 0].item() + p.item(), abs=1e-5)
+    lo = ((tq[0, 1] - tq[0, 0]) + (iq[0, 1] - iq[0, 0])) / 2
+    assert m["rerank"] == {"mode": "fused", "weight": cfg.rerank_weight, "logit_scale": pytest.approx(scale)}
+    assert t2i.scores[0, i].item() == pytest.approx(lo.item() + cfg.rerank_weight * scale * sim[i, 0].item(),
+                                                    abs=1e-4)
+    # The sweep re-scores the same pairs: its entry at the configured w is the two-stage MR itself.
+    by_w = dict((w, mr) for w, mr in m["two_stage_mr_by_weight"])
+    assert list(by_w) == list(cfg.rerank_weights)
+    assert by_w[cfg.rerank_weight] == pytest.approx(m["two_stage"]["mr"])
+
+
+def test_evaluate_calibrated_chooses_the_weight_on_the_calibration_split_only():
+    from r2d2ds.eval import evaluate, evaluate_calibrated
+
+    model = tiny_model()
+    test_split, cal_split = tiny_split(n_img=7, caps=2, seed=1), tiny_split(n_img=6, caps=2, seed=9)
+    cfg = EvalConfig(topk=4, batch_size=4, calibration_split="val", rerank_weights=(0.0, 0.5, 2.0, 8.0))
+    m = evaluate_calibrated(model, test_split, cfg, cal_split)
+    cal = evaluate(model, cal_split, cfg)
+    w = best_weight(cal["two_stage_mr_by_weight"])
+    assert m["calibration"]["weight"] == w and m["rerank"]["weight"] == w
+    assert m["calibration"]["two_stage_mr_by_weight"] == cal["two_stage_mr_by_weight"]
+    again = evaluate(model, test_split, cfg, weight=w)
+    assert m["two_stage"] == again["two_stage"] and m["two_tower"] == again["two_tower"]
+    # Released scores have no weight to choose: nothing is calibrated.
+    rel = EvalConfig(topk=4, batch_size=4, rerank="released", calibration_split="val")
+    assert "calibration" not in evaluate_calibrated(model, test_split, rel, cal_split)
 
 
 # ------------------------------------------------------------------------------------------------ reporting

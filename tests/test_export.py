@@ -17,6 +17,7 @@ from r2d2ds.data.transforms import image_transform
 from r2d2ds.eval import itm_scorer, rerank
 from r2d2ds.export import CONFIG, WEIGHTS, export_from_checkpoint, export_model
 from r2d2ds.export import main as export_main
+from r2d2ds.rerank import RerankScore
 from tests.test_eval import tiny_model_config
 
 TEXTS = ["左上有一个红色圆形", "右下有两个蓝色正方形", "中间有三个黄色星形", "图中一共一个十字"]
@@ -69,7 +70,9 @@ def test_round_trip_same_embeddings_and_rank(tmp_path, tokenizer):
         it, ie = model.encode_image(pixels)
         tt, te = model.encode_text(enc["input_ids"], enc["attention_mask"])
         sim = ie @ te.t()
-        t2i, i2t = rerank(sim, 2, itm_scorer(model, it, tt, enc["attention_mask"], 8))
+        ec = _config().eval
+        score = RerankScore(ec.rerank, ec.rerank_weight, float(model.logit_scale()))
+        t2i, i2t = rerank(sim, 2, itm_scorer(model, it, tt, enc["attention_mask"], 8), score)
     assert torch.equal(r.encode_image(images), ie)
     assert torch.equal(r.encode_image(pixels), ie)
     assert torch.equal(r.encode_text(TEXTS), te)

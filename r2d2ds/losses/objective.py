@@ -95,7 +95,7 @@ class R2D2Pretraining(nn.Module):
         use_mlm = lc.mlm_weight > 0
         a = lc.tgd_alpha if use_tgd else 0.0
 
-        img_tokens, img_emb = model.encode_image(image)  # (B, N, Wi), (B, D)
+        img_tokens, img_emb, img_pooled = model.encode_image(image, with_pooled=True)  # (B, N, Wi), (B, D), (B, P)
         txt_tokens, txt_emb = model.encode_text(ids, mask)  # (B, L, Wt), (B, D)
         scale = model.logit_scale()  # 0-dim fp32
 
@@ -108,7 +108,10 @@ class R2D2Pretraining(nn.Module):
 
         if use_tgd or use_fgd:
             with torch.no_grad():  # teacher in eval mode, no gradient
-                t_img_tokens, t_img_emb = teacher.encode_image(image)
+                if self.model_cfg.image_freeze:  # the frozen tower is the same module in both: reuse its output
+                    t_img_tokens, t_img_emb = img_tokens.detach(), teacher.image_proj(img_pooled.detach())
+                else:
+                    t_img_tokens, t_img_emb = teacher.encode_image(image)
                 t_txt_tokens, t_txt_emb = teacher.encode_text(ids, mask)
 
         if lc.gcpr_weight > 0:

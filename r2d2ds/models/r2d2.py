@@ -87,10 +87,12 @@ class R2D2(nn.Module):
         # dtype only (no data read), so this is safe on ZeRO-3-partitioned parameters.
         return next(self.image_tower.parameters()).dtype
 
-    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """image (B, 3, H, W) -> tokens (B, N, W_img), CLS/pooled token first; emb (B, D) L2-normalised."""
+    def encode_image(self, image: Tensor, with_pooled: bool = False) -> tuple[Tensor, ...]:
+        """image (B, 3, H, W) -> tokens (B, N, W_img), CLS/pooled token first; emb (B, D) L2-normalised; with
+        `with_pooled` also the tower's pooled vector (B, W_pool) that `emb` projects."""
         tokens, pooled = self.image_tower(image.to(self._image_dtype()))
-        return tokens, self.image_proj(pooled)
+        emb = self.image_proj(pooled)
+        return (tokens, emb, pooled) if with_pooled else (tokens, emb)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """ids, mask (B, L) -> tokens (B, L, W_txt), emb (B, D) L2-normalised from the CLS token."""

@@ -71,6 +71,16 @@ class ImageTower(nn.Module):
         # forward_head(pre_logits=True) returns head_hidden_size features (== num_features unless the head
         # has a pre-logits layer).
         self.pooled_width = int(getattr(self.body, "head_hidden_size", None) or self.body.num_features)
+        self.frozen = cfg.image_freeze
+        if self.frozen:
+            self.body.requires_grad_(False)
+            self.body.eval()
+
+    def train(self, mode: bool = True) -> ImageTower:
+        super().train(mode)
+        if self.frozen:  # pretrained BatchNorm statistics (and no dropout / drop-path) whatever the model's mode
+            self.body.eval()
+        return self
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         feats, pooled = self.body(image)  # (B, N, W) or (B, C, H, W); (B, W_pool)

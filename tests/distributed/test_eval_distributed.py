@@ -66,6 +66,7 @@ def test_ranks_match_one_process_and_stay_in_lockstep():
 def test_rerank_same_scores_across_ranks():
     """The two-stage score matrix rows computed by rank slices equal the single-process rows."""
     from r2d2ds.eval import itm_scorer, rerank
+    from r2d2ds.rerank import RerankScore
 
     model = tiny_model(seed=0).eval()
     split = tiny_split(n_img=5, caps=2)
@@ -74,8 +75,9 @@ def test_rerank_same_scores_across_ranks():
         tt, te = model.encode_text(split.input_ids, split.attention_mask)
         sim = ie @ te.t()
         scorer = itm_scorer(model, it, tt, split.attention_mask, 3, lockstep=True)
-        full_t2i, _ = rerank(sim, 2, scorer)
-        a, _ = rerank(sim, 2, scorer, text_rows=slice(0, 5), image_rows=slice(0, 3))
-        b, _ = rerank(sim, 2, scorer, text_rows=slice(5, 10), image_rows=slice(3, 5))
+        score = RerankScore("fused", 1.0, float(model.logit_scale()))
+        full_t2i, _ = rerank(sim, 2, scorer, score)
+        a, _ = rerank(sim, 2, scorer, score, text_rows=slice(0, 5), image_rows=slice(0, 3))
+        b, _ = rerank(sim, 2, scorer, score, text_rows=slice(5, 10), image_rows=slice(3, 5))
     assert torch.equal(torch.cat([a.order, b.order]), full_t2i.order)
     assert torch.allclose(torch.cat([a.scores, b.scores]), full_t2i.scores, atol=1e-6)

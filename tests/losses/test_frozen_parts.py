@@ -41,3 +41,47 @@ def test_trainable_parameters_are_exactly_the_used_ones(name):
         frozen = {n.split(".")[1] for n, p in obj.named_parameters() if not p.requires_grad}
         assert frozen == {"text_query_encoder", "image_query_encoder", "image_to_cross", "itm_text_query",
                           "itm_image_query", "mlm_head"}
+
+
+def _frozen_cnn_config(tmp_path):
+    """A tiny timm CNN with BatchNorm (so frozen statistics are observable), saved as its own checkpoint."""
+    import timm
+
+    kwargs = dict(image_model="resnet10t", image_kwargs={})
+    torch.manual_seed(1)
+    body = timm.create_model("resnet10t", num_classes=0)
+    path = tmp_path / "cnn.pt"
+    torch.save(body.state_dict(), path)
+    return tiny_model_config(**kwargs, image_checkpoint=str(path), image_freeze=True)
+
+
+def test_image_freeze_keeps_the_tower_as_loaded_and_the_teacher_reuses_its_output(tmp_path):
+    """model.image_freeze: no image-tower parameter trains, BatchNorm statistics do not move in train mode, and
+    the teacher's image features (taken from the student's frozen tower, not recomputed) equal what the
+    teacher's own tower computes."""
+    cfg = _frozen_cnn_config(tmp_path)
+    torch.manual_seed(0)
+    obj = R2D2Pretraining(cfg, tiny_loss_config(), VOCAB, PAD, MASK, SPECIALS).train()
+    tower = obj.model.image_tower
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert not tower.body.training  # eval mode although the model is in train mode
+    assert obj.model.image_proj.linear.weight.requires_grad
+    bn = {k: v.clone() for k, v in tower.state_dict().items() if "running" in k}
+    teacher = make_teacher(obj.model)
+    batch = tiny_batch(b=4)
+    out = obj(batch, teacher, seed=3)
+    out["loss"].backward()
+    assert all(torch.equal(v, tower.state_dict()[k]) for k, v in bn.items())  # statistics unchanged
+    assert all(p.grad is None for p in tower.parameters())
+    with torch.no_grad():
+        s_tok, _, s_pooled = obj.model.encode_image(batch["image"], with_pooled=True)
+        t_tok, t_emb = teacher.encode_image(batch["image"])
+    assert torch.allclose(s_tok, t_tok, atol=1e-6)
+    assert torch.allclose(teacher.image_proj(s_pooled), t_emb, atol=1e-6)
+
+
+def test_image_freeze_needs_weights():
+    from r2d2ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.image_freeze"):
+        tiny_model_config(image_freeze=True)
