@@ -161,14 +161,16 @@ def train(variant: str, seed: int, extra: list[str], config: str = CONFIG, runs:
            "train.py", "--config", config, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    # What ran: taken before the run, so work committed while it trains does not relabel it.
+    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain"))
+    start = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     wall = time.time() - t0
     meta = {"variant": variant, "seed": seed, "command": " ".join(["python benchmarks/flickr8k_cn.py train",
                                                                   f"--variant {variant} --seed {seed}", *extra]),
-            "launch": " ".join(cmd), "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain")),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "launch": " ".join(cmd), "commit": commit, "dirty": dirty, "date": start,
             "wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "hardware": hardware()}
     (ROOT / run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
