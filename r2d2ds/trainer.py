@@ -242,6 +242,8 @@ class Trainer:
                                           device=self.device)
         if "calibration" in metrics:  # the export (and r2d2ds.api's rank) re-ranks with the chosen weight
             self.cfg.eval.rerank_weight = metrics["calibration"]["weight"]
+            if rd.is_main_process():  # a ZeRO-3 export (and `r2d2ds export --run`) reads the run's config.yaml
+                self.cfg.save(self.run_dir / "config.yaml")
         self.engine.train()
         flat = {f"eval/{stage}/{k}": v for stage in ("two_tower", "two_stage") for k, v in metrics[stage].items()}
         self.logger.write({"step": self.step, **flat})

@@ -92,8 +92,9 @@ def stage_runs(tmp_path_factory, dataset) -> dict[int, Path]:
         if stage == 2:  # eval + export on ZeRO-2 (sharded optimizer); this run also checks the golden curve
             runs[stage] = golden_run(run_dir, dataset)
             continue
-        # ZeRO-3 (sharded parameters: lock-step forwards, eval and export too).
-        extra = [f"--data.val={dataset}"] if stage == 3 else []
+        # ZeRO-3 (sharded parameters: lock-step forwards, eval and export too), with the re-rank weight chosen
+        # on another split first (two lock-step evals).
+        extra = [f"--data.val={dataset}", "--eval.calibration_split=train"] if stage == 3 else []
         launch(run_dir, f"--data.train={dataset}", f"--train.ds_config={ds_config_for(stage, folder)}", *extra)
         runs[stage] = run_dir
     return runs
@@ -156,6 +157,12 @@ def test_run_directory_eval_and_export(stage_runs, stage, tmp_path):
         assert set(ev[stage]) >= {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mr"}
         assert all(0.0 <= v <= 100.0 for v in ev[stage].values())
     assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    if stage == 3:  # the weight chosen on the calibration split is the one evaluated and exported
+        import yaml
+
+        w = ev["calibration"]["weight"]
+        assert ev["calibration"]["split"] == "train" and ev["rerank"]["weight"] == w
+        assert yaml.safe_load((run / "model" / "config.yaml").read_text())["eval"]["rerank_weight"] == w
 
     from r2d2ds.api import load
 
