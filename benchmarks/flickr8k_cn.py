@@ -213,6 +213,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def runs_table(rows: list[dict]) -> str:
+    """What ran: command, commit, start date, wall time, load average (1/5/15 min) before and after, ITM accuracy
+    at the end of training, and the calibration split's two-tower / two-stage MR."""
+    lines = ["| run | command | commit | start | wall | load before | load after | final ITM acc "
+             "| val MR tower / stage |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, cal = r["bench"], r["eval"].get("calibration", {})
+        acc = [m["acc/itm"] for m in r["metrics"] if "acc/itm" in m]
+        load = lambda xs: "/".join(f"{x:.1f}" for x in xs)
+        commit = b["commit"][:7] + (" (dirty)" if b["dirty"] else "")
+        lines.append(f"| {b['variant']} s{b['seed']} | `{b['command']}` | {commit}"
+                     f" | {b['date']} | {b['wall_s'] / 60:.1f} min | {load(b['loadavg_before'])} | "
+                     f"{load(b['loadavg_after'])} | {acc[-1] if acc else float('nan'):.3f} | "
+                     f"{cal.get('two_tower_mr', float('nan')):.2f} / {cal.get('two_stage_mr', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
 def plot_curves(rows: list[dict], out: Path) -> Path | None:
     """Training losses per step of every run (one panel per term) and ITM accuracy."""
     if not rows:
@@ -277,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = collect(ROOT / args.runs)
         print(table(rows))
+        print()
+        print(runs_table(rows))
         png = plot_curves(rows, ROOT / args.png)
         print(f"curves: {png if png else 'no finished run'}")
     return 0
