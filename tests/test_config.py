@@ -25,6 +25,11 @@ def _yaml(tmp_path, text):
     (["--model.attention_impl=cuda"], "model.attention_impl"),
     (["--loss.fgr_class_weights=[1.0]"], "loss.fgr_class_weights"),
     (["--eval.topk=0"], "eval.topk"),
+    (["--eval.rerank=sum"], "eval.rerank"),
+    (["--eval.rerank_weight=-1"], "eval.rerank_weight"),
+    (["--eval.rerank_weights=[]"], "eval.rerank_weights"),
+    (["--model.image_freeze=true"], "model.image_freeze"),
+    (["--eval.calibration_split=val"], "eval.calibration_split"),  # data.val_split is val: the reported split
     (["--nosection=1"], "nosection"),
     (["--train.resume=maybe"], "train.resume"),
 ])

@@ -180,7 +180,7 @@ def test_eval_command_on_export(tmp_path, tokenizer, capsys):
     from r2d2ds.eval import main as eval_main
 
     data = tmp_path / "data"
-    prepare_synthetic(data, train=0, val=6, test=0, image_size=32, shard_size=4)
+    prepare_synthetic(data, train=0, val=6, test=5, image_size=32, shard_size=4)
     tok = load_tokenizer("auto", dataset=str(data))
     out = export_model(_model(tok), _config(), tok, tmp_path / "export")
     res = tmp_path / "eval.json"
@@ -193,3 +193,15 @@ def test_eval_command_on_export(tmp_path, tokenizer, capsys):
     assert 0 <= metrics["two_stage"]["mr"] <= 100
     assert eval_main(["--model", str(out), "--data", str(tmp_path / "nodata"), "--out", str(res)]) == 2
     assert "nodata" in capsys.readouterr().err
+    # The weight chosen on another split of the same data; choosing it on the reported split is refused.
+    assert eval_main(["--model", str(out), "--data", str(data), "--split", "test", "--calibration-split", "val",
+                      "--topk", "3", "--out", str(res)]) == 0
+    metrics = json.loads(res.read_text())
+    assert metrics["calibration"]["split"] == "val" and metrics["num_images"] == 5
+    assert "chosen on 'val'" in capsys.readouterr().out
+    assert eval_main(["--model", str(out), "--data", str(data), "--split", "val", "--calibration-split", "val",
+                      "--out", str(res)]) == 2
+    assert "--calibration-split" in capsys.readouterr().err
+    assert eval_main(["--model", str(out), "--data", str(data), "--split", "val", "--rerank", "released",
+                      "--topk", "3", "--out", str(res)]) == 0
+    assert json.loads(res.read_text())["rerank"]["mode"] == "released"

@@ -58,6 +58,7 @@ def test_flickr8k_cn_slice_learns_real_captions(tmp_path):
 
     q, p = ev["num_texts"], 10 / ev["num_images"]
     bound = 100 * (q * p + 6 * math.sqrt(q * p * (1 - p))) / q  # percent
+    print(f"text->image R@10 {ev['two_tower']['t2i_r10']:.1f}% (bound {bound:.1f}%, chance {100 * p:.1f}%)")
     assert ev["two_tower"]["t2i_r10"] > bound, (ev["two_tower"], bound)
 
     png = tmp_path / "curves.png"
