@@ -230,6 +230,17 @@ def runs_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def update_markdown(path: Path, text: str) -> None:
+    """Replace the lines between the '<!-- table' line and the '<!-- end table -->' line of `path` with `text`."""
+    lines = path.read_text().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("<!-- table"))
+        end = next(i for i, line in enumerate(lines) if line.startswith("<!-- end table"))
+    except StopIteration:
+        raise SystemExit(f"error: '{path}' has no '<!-- table' ... '<!-- end table -->' block") from None
+    path.write_text("\n".join(lines[:start + 1] + text.splitlines() + lines[end:]) + "\n")
+
+
 def plot_curves(rows: list[dict], out: Path) -> Path | None:
     """Training losses per step of every run (one panel per term) and ITM accuracy."""
     if not rows:
@@ -279,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("report", allow_abbrev=False, help="markdown table + learning curves of the finished runs")
     pr.add_argument("--runs", default=RUNS)
     pr.add_argument("--png", default="benchmarks/results/plots/flickr8k_cn_curves.png")
+    pr.add_argument("--update", default=None, metavar="MARKDOWN",
+                    help="also replace the tables between the '<!-- table' and '<!-- end table -->' lines of this file")
     args, extra = p.parse_known_args(argv)
     if extra and args.cmd != "train":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -293,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run finished: {train(args.variant, args.seed, extra, args.config, args.runs, args.ranks)}")
     else:
         rows = collect(ROOT / args.runs)
-        print(table(rows))
-        print()
-        print(runs_table(rows))
+        text = table(rows) + "\n\n" + runs_table(rows)
+        print(text)
+        if args.update:
+            update_markdown(ROOT / args.update, text)
         png = plot_curves(rows, ROOT / args.png)
         print(f"curves: {png if png else 'no finished run'}")
     return 0
