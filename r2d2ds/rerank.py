@@ -9,7 +9,7 @@ Scores (s = cosine similarity, l_h = log-odds logit[1] - logit[0] of ITM head h,
   fused     mean_h(l_h) + w * logit_scale * s. Both terms are logits: ITM's log-odds of "match", and the
             towers' contrastive logit, whose softmax over candidates is the towers' retrieval distribution.
             Their sum is a product of the two experts; w (eval.rerank_weight) is chosen on a calibration split
-            (`r2d2ds.eval.calibrate`). w -> infinity gives back the two-tower order.
+            (`r2d2ds.eval.evaluate_calibrated`). w -> infinity gives back the two-tower order.
   released  s + mean_h(sigmoid(l_h)) (yuxie11/R2D2): a probability in [0, 1] added to a cosine whose spread
             over a query's top-k is a few hundredths, so the ITM heads alone decide the order; an undertrained
             ITM then ranks worse than the towers (benchmarks/results/flickr8k-cn.md, "Why re-ranking lost").
