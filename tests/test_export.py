@@ -205,3 +205,21 @@ def test_eval_command_on_export(tmp_path, tokenizer, capsys):
     assert eval_main(["--model", str(out), "--data", str(data), "--split", "val", "--rerank", "released",
                       "--topk", "3", "--out", str(res)]) == 0
     assert json.loads(res.read_text())["rerank"]["mode"] == "released"
+
+
+def test_export_of_a_frozen_image_tower_loads(tmp_path, tokenizer):
+    """model.image_freeze needs a pretrained file to train; the export holds the weights, so loading it needs none."""
+    import dataclasses
+
+    from r2d2ds.api import load
+
+    cfg = _config()
+    cfg.model = dataclasses.replace(cfg.model, image_checkpoint=str(tmp_path / "pretrained.safetensors"),
+                                    image_freeze=True)
+    model = _model(tokenizer)
+    out = export_model(model, cfg, tokenizer, tmp_path / "export")
+    r = load(out)
+    enc = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(r.encode_text(TEXTS), model.encode_text(enc["input_ids"], enc["attention_mask"])[1])
+
