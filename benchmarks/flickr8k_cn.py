@@ -215,18 +215,20 @@ def table(rows: list[dict]) -> str:
 
 def runs_table(rows: list[dict]) -> str:
     """What ran: command, commit, start date, wall time, load average (1/5/15 min) before and after, ITM accuracy
-    at the end of training, and the calibration split's two-tower / two-stage MR."""
+    at the end of training, and the calibration split's two-tower MR / two-stage MR at the chosen w."""
     lines = ["| run | command | commit | start | wall | load before | load after | final ITM acc "
-             "| val MR tower / stage |", "|---|---|---|---|---|---|---|---|---|"]
+             "| val MR tower / stage (chosen w) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, cal = r["bench"], r["eval"].get("calibration", {})
+        val_stage = dict((w, mr) for w, mr in cal.get("two_stage_mr_by_weight", [])).get(cal.get("weight"),
+                                                                                     float("nan"))
         acc = [m["acc/itm"] for m in r["metrics"] if "acc/itm" in m]
         load = lambda xs: "/".join(f"{x:.1f}" for x in xs)
         commit = b["commit"][:7] + (" (dirty)" if b["dirty"] else "")
         lines.append(f"| {b['variant']} s{b['seed']} | `{b['command']}` | {commit}"
                      f" | {b['date']} | {b['wall_s'] / 60:.1f} min | {load(b['loadavg_before'])} | "
                      f"{load(b['loadavg_after'])} | {acc[-1] if acc else float('nan'):.3f} | "
-                     f"{cal.get('two_tower_mr', float('nan')):.2f} / {cal.get('two_stage_mr', float('nan')):.2f} |")
+                     f"{cal.get('two_tower_mr', float('nan')):.2f} / {val_stage:.2f} |")
     return "\n".join(lines)
 
 
