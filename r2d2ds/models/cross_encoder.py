@@ -31,14 +31,16 @@ class MultiHeadAttention(nn.Module):
 
     def _split(self, t: Tensor) -> Tensor:
         b, n, w = t.shape
-        return t.view(b, n, self.heads, w // self.heads).transpose(1, 2)  # (B, H, L, Dh)
+        # A view, no copy: (B, H, L, Dh) with the strides of the (B, L, H, Dh) projection output.
+        return t.view(b, n, self.heads, w // self.heads).transpose(1, 2)
 
     def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
         # x: (B, Lq, W), ctx: (B, Lk, W), ctx_mask: bool (B, Lk) True = attend, or None
         q, k, v = self._split(self.q(x)), self._split(self.k(ctx)), self._split(self.v(ctx))
-        # The kernel wants contiguous (B, H, L, Dh) blocks; transpose() leaves strided views.
-        o = cross_attention(q.contiguous(), k.contiguous(), v.contiguous(), key_mask=ctx_mask,
-                            impl=self.attention_impl)  # (B, H, Lq, Dh)
+        # The Triton kernel reads these strided views in place and writes o in q's (B, Lq, H, Dh) layout, so the
+        # merge below is a view and its backward hands the kernel dO as a view too (dq / dk / dv come back in
+        # the projections' layouts): no copy either way. The SDPA path copies where it must.
+        o = cross_attention(q, k, v, key_mask=ctx_mask, impl=self.attention_impl)  # (B, H, Lq, Dh)
         b, h, lq, dh = o.shape
         return self.out(o.transpose(1, 2).reshape(b, lq, h * dh))  # (B, Lq, W)
 
