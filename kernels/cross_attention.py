@@ -195,7 +195,7 @@ def _pruner(smem_tiles):
 def _triton_kernels() -> SimpleNamespace:
     """Defines the kernels on first use, so importing this module never imports triton (the torch path works
     without it) and TRITON_INTERPRET is read when the triton impl is first called."""
-    global triton, tl, _offsets, _rows, _key_tile
+    global triton, tl, _offsets, _rows, _store_rows, _key_tile, _query_block
     import triton
     import triton.language as tl
 
@@ -220,6 +220,14 @@ def _triton_kernels() -> SimpleNamespace:
         return x
 
     @triton.jit
+    def _store_rows(Ptr, x, b, h, offs, offs_in, offs_d, stride_b, stride_h, stride_l, stride_d,
+                    HEAD_DIM: tl.constexpr):
+        # Stores x (len, BLOCK_D), cast to Ptr's dtype, into rows offs (where offs_in) of one (batch, head).
+        io = offs_in[:, None] & (offs_d < HEAD_DIM)[None, :]
+        off = _offsets(b, h, offs, offs_d, stride_b, stride_h, stride_l, stride_d)
+        tl.store(Ptr + off, x.to(Ptr.dtype.element_ty), mask=io)
+
+    @triton.jit
     def _key_tile(K, V, KeyMask, b, h, offs_n, offs_d, Lk,
                   stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
                   stride_mb, stride_ml, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -233,6 +241,24 @@ def _triton_kernels() -> SimpleNamespace:
         k = _rows(K, b, h, offs_n, key_in, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, HEAD_DIM, DOT_FP32)
         v = _rows(V, b, h, offs_n, key_in, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, HEAD_DIM, DOT_FP32)
         return k, v, key_ok
+
+    @triton.jit
+    def _query_block(Q, DOut, Out, Lse, Delta, b, h, row_base, offs_m, row_in, offs_d,
+                     stride_qb, stride_qh, stride_ql, stride_qd, stride_ob, stride_oh, stride_ol, stride_od,
+                     stride_dob, stride_doh, stride_dol, stride_dod,
+                     HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, FUSED: tl.constexpr):
+        # A backward query block: q, dO (BLOCK_M, BLOCK_D), the LSE (+inf past Lq, so P = 0 there) and delta =
+        # rowsum(dO O) fp32, from O when FUSED (no pre-pass ran) or else the pre-pass's.
+        q = _rows(Q, b, h, offs_m, row_in, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, HEAD_DIM, DOT_FP32)
+        do = _rows(DOut, b, h, offs_m, row_in, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, HEAD_DIM,
+                   DOT_FP32)
+        lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
+        if FUSED:
+            o = _rows(Out, b, h, offs_m, row_in, offs_d, stride_ob, stride_oh, stride_ol, stride_od, HEAD_DIM, True)
+            delta = tl.sum(o * do.to(tl.float32), 1)  # (BLOCK_M,)
+        else:
+            delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
+        return q, do, lse, delta
 
     @triton.autotune(
         configs=_configs(_FWD_TILES), key=["Lq", "Lk", "BLOCK_D", "HAS_MASK"],
@@ -280,8 +306,7 @@ def _triton_kernels() -> SimpleNamespace:
         out = acc / l_safe[:, None]  # rows with no valid key: acc = 0, so 0
         lse = tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf"))
         tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_in)
-        o_off = _offsets(b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od)
-        tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=row_in[:, None] & (offs_d < HEAD_DIM)[None, :])
+        _store_rows(Out, out, b, h, offs_m, row_in, offs_d, stride_ob, stride_oh, stride_ol, stride_od, HEAD_DIM)
 
     @triton.jit(do_not_specialize=["Lq"])
     def _cross_attention_bwd_preprocess(
@@ -337,18 +362,10 @@ def _triton_kernels() -> SimpleNamespace:
         for start_m in range(0, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_in = offs_m < Lq
-            q = _rows(Q, b, h, offs_m, row_in, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, HEAD_DIM,
-                      DOT_FP32)
-            do = _rows(DOut, b, h, offs_m, row_in, offs_d, stride_dob, stride_doh, stride_dol, stride_dod,
-                       HEAD_DIM, DOT_FP32)
-            # Rows past Lq load LSE = +inf, so their P is exactly 0.
-            lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,)
-            if FUSED:
-                o = _rows(Out, b, h, offs_m, row_in, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
-                          HEAD_DIM, True)
-                delta = tl.sum(o * do.to(tl.float32), 1)  # (BLOCK_M,) fp32
-            else:
-                delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
+            q, do, lse, delta = _query_block(
+                Q, DOut, Out, Lse, Delta, b, h, row_base, offs_m, row_in, offs_d,
+                stride_qb, stride_qh, stride_ql, stride_qd, stride_ob, stride_oh, stride_ol, stride_od,
+                stride_dob, stride_doh, stride_dol, stride_dod, HEAD_DIM, DOT_FP32, FUSED)
             s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
             # Masked keys may score above LSE (exp2 -> inf): select 0 rather than multiply, so no NaN.
             p_t = tl.where(key_ok[:, None], tl.math.exp2(s_t - lse[None, :]), 0.0)
@@ -358,16 +375,14 @@ def _triton_kernels() -> SimpleNamespace:
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
             if FUSED:
                 dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_D)
-                dq_off = _offsets(b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd)
-                tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty),
-                         mask=row_in[:, None] & (offs_d < HEAD_DIM)[None, :])
+                _store_rows(DQ, dq * sm_scale, b, h, offs_m, row_in, offs_d,
+                            stride_dqb, stride_dqh, stride_dql, stride_dqd, HEAD_DIM)
 
         # Masked and padded keys never entered a softmax: p_t = 0 gives them exact zero gradients.
-        kv_in = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        dk_off = _offsets(b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkl, stride_dkd)
-        tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_in)
-        dv_off = _offsets(b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd)
-        tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kv_in)
+        key_in = offs_n < Lk
+        _store_rows(DK, dk * sm_scale, b, h, offs_n, key_in, offs_d, stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+                    HEAD_DIM)
+        _store_rows(DV, dv, b, h, offs_n, key_in, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd, HEAD_DIM)
 
     @triton.jit(do_not_specialize=["Lq", "Lk"])
     def _cross_attention_bwd_queries_kernel(
@@ -388,16 +403,10 @@ def _triton_kernels() -> SimpleNamespace:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_in = offs_m < Lq
-        q = _rows(Q, b, h, offs_m, row_in, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, HEAD_DIM, DOT_FP32)
-        do = _rows(DOut, b, h, offs_m, row_in, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, HEAD_DIM,
-                   DOT_FP32)
-        lse = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))  # (BLOCK_M,); +inf: P = 0
-        if FUSED:
-            o = _rows(Out, b, h, offs_m, row_in, offs_d, stride_ob, stride_oh, stride_ol, stride_od, HEAD_DIM,
-                      True)
-            delta = tl.sum(o * do.to(tl.float32), 1)  # (BLOCK_M,) fp32
-        else:
-            delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
+        q, do, lse, delta = _query_block(
+            Q, DOut, Out, Lse, Delta, b, h, row_base, offs_m, row_in, offs_d,
+            stride_qb, stride_qh, stride_ql, stride_qd, stride_ob, stride_oh, stride_ol, stride_od,
+            stride_dob, stride_doh, stride_dol, stride_dod, HEAD_DIM, DOT_FP32, FUSED)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, Lk, BLOCK_N):
@@ -413,15 +422,14 @@ def _triton_kernels() -> SimpleNamespace:
             if FUSED:
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-                kv_in = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-                dk_off = _offsets(b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkl, stride_dkd)
-                tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_in)
-                dv_off = _offsets(b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd)
-                tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kv_in)
+                key_in = offs_n < Lk
+                _store_rows(DK, dk * sm_scale, b, h, offs_n, key_in, offs_d,
+                            stride_dkb, stride_dkh, stride_dkl, stride_dkd, HEAD_DIM)
+                _store_rows(DV, dv, b, h, offs_n, key_in, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+                            HEAD_DIM)
 
-        dq_off = _offsets(b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd)
-        tl.store(DQ + dq_off, (dq * sm_scale).to(DQ.dtype.element_ty),
-                 mask=row_in[:, None] & (offs_d < HEAD_DIM)[None, :])
+        _store_rows(DQ, dq * sm_scale, b, h, offs_m, row_in, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd,
+                    HEAD_DIM)
 
     # Each backward kernel is tuned twice: split (both tile sizes tuned) and fused (the block that covers every
     # query, or every key, is a launch argument; only the other is tuned). Same compiled code cache.
