@@ -244,8 +244,14 @@ def _run_in_place(impl, q, k, v, do, mask, scale=None):
     return (out, *torch.autograd.grad(out, leaves, do))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+# On CUDA every stride pattern is a compile per kernel (Triton specialises strides equal to 1 and divisible by
+# 16): there the strided layouts run at bf16 only (the contiguous one is every other test's).
+STRIDED_CASES = [pytest.param(layout, dtype, id=f"{layout}-{str(dtype).removeprefix('torch.')}")
+                 for layout in LAYOUTS for dtype in (torch.float32, torch.bfloat16)
+                 if not ON_CUDA or (layout != "bhld" and dtype == torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("layout", "dtype"), STRIDED_CASES)
 def test_strided_layouts_match_reference_and_keep_their_layout(layout, dtype, bwd_path, monkeypatch):
     """Every backward path on (B, H, L, Dh) views in three layouts (head dim 24: padded inside the kernel):
     within the torch-path error of the float64 reference, the operands reach the kernels as the caller's views
