@@ -37,6 +37,15 @@ by the engine's epilogue); here there is exactly one backward per engine forward
 scale_wrt_gas=False)`: the chunk losses already sum to the rank batch's loss, so the engine's 1/GAS division
 would be wrong; we divide by the number of GradCache passes per step ourselves (same as plain accumulation).
 Loss scaling (fp16) is linear, so a scaled surrogate yields the scaled gradient; bf16/fp32 need none.
+
+ZeRO-3 gathers a module's parameters (an all-gather, collective) when the module runs, so every rank must run the
+same modules in the same order: each chunk runs the negatives' towers on every rank even with nothing to
+re-embed (`_negative_tokens`). Its prefetcher replays the module order recorded in one engine forward in the
+next; pass 1 (towers only, chunk after chunk) has another order than the chunk passes, which all share one, so the
+trace is dropped once per step ("Invalidate trace cache" in DeepSpeed's debug log): pass 1 and the first chunk
+fetch on demand, later chunks prefetch; gradients and the release of gathered parameters are unaffected
+(tests/training/test_gradcache_engine.py). Activation checkpointing (model.activation_checkpointing) stays exact
+here: a block's recompute replays the RNG state its (replayed) forward saw.
 """
 
 from __future__ import annotations
