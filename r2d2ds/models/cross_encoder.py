@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from r2d2ds.kernels import cross_attention
+from r2d2ds.models.checkpointing import checkpointed
 
 
 class MultiHeadAttention(nn.Module):
@@ -82,17 +83,21 @@ class CrossEncoderLayer(nn.Module):
 
 
 class CrossEncoder(nn.Module):
-    """A stack of `CrossEncoderLayer`s sharing one query/context pair of masks."""
+    """A stack of `CrossEncoderLayer`s sharing one query/context pair of masks.
+
+    `checkpointing`: each layer keeps only its input and is recomputed in the backward (models/checkpointing.py).
+    """
 
     def __init__(self, layers: int, width: int, heads: int, ffn: int, dropout: float = 0.1,
-                 attention_impl: str = "auto") -> None:
+                 attention_impl: str = "auto", checkpointing: bool = False) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         self.layers = nn.ModuleList(
             CrossEncoderLayer(width, heads, ffn, dropout, attention_impl) for _ in range(layers))
 
     def forward(self, x: Tensor, x_mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
         for layer in self.layers:
-            x = layer(x, x_mask, ctx, ctx_mask)
+            x = checkpointed(layer, x, x_mask, ctx, ctx_mask) if self.checkpointing else layer(x, x_mask, ctx, ctx_mask)
         return x
 
 
