@@ -10,12 +10,19 @@ FLOPs (written out so the TFLOP/s column can be checked): forward = 4 * B * H * 
 (FlashAttention's convention: the backward is 2.5 x the forward, 5 matmuls against 2). Recomputation inside
 our backward is not counted.
 
-Rows: triton (our kernels as the model calls them), triton_split_bwd (the backward forced onto the split
-dK/dV + dQ kernels where the fused short-query backward would run: says whether fusing pays).
+Every provider runs attention as the cross encoder does: from the (B, L, H*Dh) projection outputs (the leaves),
+heads split by a view, attention, heads merged back to (B, Lq, H*Dh); forward+backward includes whatever copies
+that layout costs each provider.
+
+Rows: triton (our kernels as the model calls them: strided views read in place, out / grads written in the
+projections' layout), triton_copies (the previous path, R2D2DS_CROSS_ATTENTION_LAYOUT=contiguous: q, k, v and dO
+copied to contiguous (B, H, L, Dh), so the head merges copy too; *_speedup_vs_copies says what reading the views
+in place saves), triton_split_bwd (the backward forced onto the split dK/dV + dQ kernels where a fused backward
+would run: says whether fusing pays).
 
 Baselines:
-  sdpa       F.scaled_dot_product_attention with PyTorch's own backend choice (recorded per case), with the
-             contract's mask handling (impl="torch"); speedups are against this row.
+  sdpa       F.scaled_dot_product_attention on the same views with PyTorch's own backend choice (recorded per
+             case), with the contract's mask handling (impl="torch"); speedups are against this row.
   sdpa_<b>   the same forced onto one backend (flash / efficient / cudnn) where that backend accepts the case.
   fa2_varlen flash_attn_varlen_func on packed tokens (padding keys dropped, packing not timed), if importable.
 
@@ -81,21 +88,44 @@ def _fa2_varlen():
     return flash_attn_varlen_func, flash_attn.__version__
 
 
-def _providers(q, k, v, mask, scale):
-    """name -> forward callable taking (q, k, v) leaves; each returns a (B, H, Lq, Dh)-sized tensor."""
+def _heads(t, H):
+    """(B, L, H*Dh) -> (B, H, L, Dh), a view (as r2d2ds.models.cross_encoder splits heads)."""
+    B, L, W = t.shape
+    return t.view(B, L, H, W // H).transpose(1, 2)
+
+
+def _merge(o):
+    """(B, H, Lq, Dh) -> (B, Lq, H*Dh): a view when o is laid out as (B, Lq, H, Dh), else a copy."""
+    B, H, Lq, Dh = o.shape
+    return o.transpose(1, 2).reshape(B, Lq, H * Dh)
+
+
+def _providers(q, k, v, mask, scale, H):
+    """name -> callable taking the (B, L, H*Dh) projection leaves and returning the merged (B, Lq, H*Dh)."""
     from r2d2ds.kernels import cross_attention
 
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
-    ours = lambda q, k, v: cross_attention(q, k, v, key_mask=mask, scale=scale, impl="triton")
-    provs = {"triton": ours}
-    if _ca_module()._bwd_path(q.shape[2], k.shape[2], q.shape[3]) != "split":
+
+    def ours(layout):
+        def fn(q, k, v):
+            # Read at each forward (and kept for its backward); setting it costs microseconds of host time.
+            os.environ["R2D2DS_CROSS_ATTENTION_LAYOUT"] = layout
+            return _merge(cross_attention(_heads(q, H), _heads(k, H), _heads(v, H), key_mask=mask, scale=scale,
+                                          impl="triton"))
+        return fn
+
+    provs = {"triton": ours("strided"), "triton_copies": ours("contiguous")}
+    Dh = q.shape[2] // H
+    if _ca_module()._bwd_path(q.shape[1], k.shape[1], Dh) != "split":
         # Same kernels with the backward forced onto the split dK/dV + dQ pair: measures the fused backward
         # (over all queries, or over all keys for the image-query direction).
-        provs["triton_split_bwd"] = ours
-    provs.update({
-        # Plain SDPA with its own backend choice: PyTorch's fastest route (these cases have no empty rows).
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale),
-    })
+        provs["triton_split_bwd"] = ours("strided")
+
+    def sdpa(q, k, v):  # plain SDPA with its own backend choice: PyTorch's fastest route (no empty rows here)
+        return _merge(F.scaled_dot_product_attention(_heads(q, H), _heads(k, H), _heads(v, H), attn_mask=attn_mask,
+                                                     scale=scale))
+
+    provs["sdpa"] = sdpa
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -104,30 +134,29 @@ def _providers(q, k, v, mask, scale):
         for name, backend in backends:
             def forced(q, k, v, backend=backend):
                 with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+                    return sdpa(q, k, v)
             provs[f"sdpa_{name}"] = forced
 
         varlen, _ = _fa2_varlen()
         if varlen is not None:
-            B, H, Lq, Dh = q.shape
-            Lk = k.shape[2]
+            B, Lq, W = q.shape
+            Lk = k.shape[1]
             lengths = mask.sum(1) if mask is not None else torch.full((B,), Lk, device=q.device)
             cu_k = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Lq
             keep = mask.reshape(-1) if mask is not None else None
 
             def fa2(q, k, v):  # packed (tokens, H, Dh) leaves: packing happens before timing
-                return varlen(q, k, v, cu_q, cu_k, Lq, Lk, softmax_scale=scale)
+                return varlen(q, k, v, cu_q, cu_k, Lq, Lk, softmax_scale=scale).reshape(B, Lq, W)
 
             def pack_q(t):
-                return t.transpose(1, 2).reshape(B * Lq, H, Dh)
+                return t.reshape(B * Lq, H, Dh)
 
             def pack_kv(t):
-                t = t.transpose(1, 2).reshape(B * Lk, H, Dh)
+                t = t.reshape(B * Lk, H, Dh)
                 return t[keep] if keep is not None else t
 
             fa2.pack = (pack_q, pack_kv)
-            fa2.unpack = lambda o: o.reshape(B, Lq, H, Dh).transpose(1, 2)  # (B, H, Lq, Dh)
             provs["fa2_varlen"] = fa2
     return provs
 
@@ -151,19 +180,21 @@ def _measure(bench, fn, leaves, grad_out) -> tuple[float, float]:
 def run_case(name, shape, dtype, device, bench, smoke):
     B, H, Lq, Lk, Dh, masked = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(B, H, Lq, Dh, generator=gen).to(device, dtype)
-    k = torch.randn(B, H, Lk, Dh, generator=gen).to(device, dtype)
-    v = torch.randn(B, H, Lk, Dh, generator=gen).to(device, dtype)
+    # The projections' outputs, (B, L, H*Dh): what the cross encoder hands attention.
+    q = torch.randn(B, Lq, H * Dh, generator=gen).to(device, dtype)
+    k = torch.randn(B, Lk, H * Dh, generator=gen).to(device, dtype)
+    v = torch.randn(B, Lk, H * Dh, generator=gen).to(device, dtype)
     mask = None
     if masked:  # text padding: valid prefix of 8..Lk tokens
         lengths = torch.randint(min(8, Lk), Lk + 1, (B,), generator=gen)
         mask = (torch.arange(Lk)[None, :] < lengths[:, None]).to(device)
     scale = Dh**-0.5
     flops_fwd = 4 * B * H * Lq * Lk * Dh
-    choice = _sdpa_choice(q, k, v, mask) if q.is_cuda else "cpu"
+    choice = _sdpa_choice(_heads(q, H), _heads(k, H), _heads(v, H), mask) if q.is_cuda else "cpu"
     rows = []
     ref = None
-    for prov, fn in _providers(q, k, v, mask, scale).items():
+    layout = os.environ.get("R2D2DS_CROSS_ATTENTION_LAYOUT")
+    for prov, fn in _providers(q, k, v, mask, scale, H).items():
         pq, pkv = getattr(fn, "pack", (lambda t: t, lambda t: t))
         leaves = [pq(q).detach().requires_grad_(), pkv(k).detach().requires_grad_(),
                   pkv(v).detach().requires_grad_()]
@@ -171,29 +202,33 @@ def run_case(name, shape, dtype, device, bench, smoke):
         if prov == "triton_split_bwd":
             _ca_module()._FUSED_BWD_MAX_TILE = 0
         try:
-            out = fn(*leaves)
+            out = fn(*leaves)  # (B, Lq, H*Dh)
             grad_out = torch.randn_like(out)
-            out_bhld = getattr(fn, "unpack", lambda o: o)(out.detach()).float()
             if ref is None:  # the first provider (ours) is the yardstick for the others' outputs
-                ref = out_bhld
-            err = (out_bhld - ref).abs().max().item()
+                ref = out.detach().float()
+            err = (out.detach().float() - ref).abs().max().item()
             fwd_ms, fwd_bwd_ms = _measure(bench, fn, leaves, grad_out)
         except Exception as e:  # noqa: BLE001  (a forced backend that refuses the case: record why)
             rows.append({"case": name, "impl": prov, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
         finally:
             _ca_module()._FUSED_BWD_MAX_TILE = fused_tile
+            if layout is None:
+                os.environ.pop("R2D2DS_CROSS_ATTENTION_LAYOUT", None)
+            else:
+                os.environ["R2D2DS_CROSS_ATTENTION_LAYOUT"] = layout
         row = {"case": name, "impl": prov,
                "fwd_ms": fwd_ms, "fwd_tflops": flops_fwd / (fwd_ms * 1e-3) / 1e12,
                "fwd_bwd_ms": fwd_bwd_ms,
                "fwd_bwd_tflops": FWD_BWD_FACTOR * flops_fwd / (fwd_bwd_ms * 1e-3) / 1e12}
         row["max_abs_diff_vs_triton"] = err
         rows.append(row)
-    base = next((r for r in rows if r["impl"] == "sdpa" and "fwd_ms" in r), None)
-    for r in rows:
-        if base is not None and "fwd_ms" in r:
-            r["fwd_speedup_vs_sdpa"] = base["fwd_ms"] / r["fwd_ms"]
-            r["fwd_bwd_speedup_vs_sdpa"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    timed = {r["impl"]: r for r in rows if "fwd_ms" in r}
+    for r in timed.values():
+        for base_name, tag in (("sdpa", "sdpa"), ("triton_copies", "copies")):
+            if base_name in timed and (tag == "sdpa" or r["impl"] == "triton"):
+                r[f"fwd_speedup_vs_{tag}"] = timed[base_name]["fwd_ms"] / r["fwd_ms"]
+                r[f"fwd_bwd_speedup_vs_{tag}"] = timed[base_name]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     facts = {"case": name, "B": B, "H": H, "Lq": Lq, "Lk": Lk, "Dh": Dh, "key_mask": masked,
              "valid_key_fraction": (mask.float().mean().item() if mask is not None else 1.0),
              "flops_fwd": flops_fwd, "sdpa_default_backend": choice}
@@ -252,7 +287,7 @@ def main() -> None:
               file=sys.stderr)
     save(True)
     cols = ["case", "impl", "fwd_ms", "fwd_tflops", "fwd_speedup_vs_sdpa", "fwd_bwd_ms", "fwd_bwd_tflops",
-            "fwd_bwd_speedup_vs_sdpa"]
+            "fwd_bwd_speedup_vs_sdpa", "fwd_speedup_vs_copies", "fwd_bwd_speedup_vs_copies"]
     fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in result["rows"]:

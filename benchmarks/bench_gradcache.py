@@ -10,8 +10,10 @@ MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so RSS follows the
 
 "gradcache" = train.chunk_size rows per engine micro step (r2d2ds/losses/gradcache.py), negatives from other
 chunks re-embedded with gradient (exact); "gradcache-detached" = the same with train.gradcache_negatives=detached;
-"plain" = the one-shot objective on the whole rank batch in one micro step. Cases run interleaved (the three
-modes at each size, the order alternating) so slow phases of the shared machine hit every mode; read the ratios.
+"plain" = the one-shot objective on the whole rank batch in one micro step. "+ckpt" = the same with
+model.activation_checkpointing=all (tower blocks and cross-encoder layers recomputed in the backward). Cases run
+interleaved (every mode at each size, the order alternating) so slow phases of the shared machine hit every mode;
+read the ratios.
 
     python benchmarks/bench_gradcache.py                      # 64 .. 1024 -> benchmarks/results/cpu/
     python benchmarks/bench_gradcache.py --sizes 64 128 --out scratch/
@@ -20,15 +22,16 @@ modes at each size, the order alternating) so slow phases of the shared machine 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import socket
-import subprocess
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hostinfo: see its docstring
+from hostinfo import host, status_kib  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,18 +39,10 @@ VOCAB, PAD, CLS, SEP, MASK = 1000, 0, 1, 2, 3
 LENGTH = 16
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _model_config():
+def _model_config(checkpointing: str = "none"):
     from r2d2ds.config import ModelConfig
 
-    return ModelConfig(image_model="vit_tiny_patch16_224",
+    return ModelConfig(activation_checkpointing=checkpointing, image_model="vit_tiny_patch16_224",
                        image_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
                        text_model="config",
                        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -80,7 +75,9 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
     from r2d2ds.models import make_teacher
 
     torch.manual_seed(0)
-    obj = R2D2Pretraining(_model_config(), LossConfig(), VOCAB, PAD, MASK, [PAD, CLS, SEP, MASK])
+    base, _, ckpt = mode.partition("+")
+    obj = R2D2Pretraining(_model_config("all" if ckpt else "none"), LossConfig(), VOCAB, PAD, MASK,
+                          [PAD, CLS, SEP, MASK])
     teacher = make_teacher(obj.model)
     rows = global_batch // world
     plan = BatchPlan(global_batch=global_batch, world=world, grad_accum=1, rank_batch=rows,
@@ -90,7 +87,7 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=obj, optimizer=opt, config=ds)
-    gradcache = GradCache(plan, "detached" if mode == "gradcache-detached" else "reembed") if plan.gradcache else None
+    gradcache = GradCache(plan, "detached" if base == "gradcache-detached" else "reembed") if plan.gradcache else None
     batch = _batch(rows, rank)
 
     def step(i: int) -> float:
@@ -107,11 +104,11 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
 
     warm_s = step(0)  # one-time costs (optimizer state, thread stacks, allocator arenas) are not the step's
     gc.collect()
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM (peak RSS) to the current RSS
         f.write("5")
     times = [step(i + 1) for i in range(steps)]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {"peak_mib": peak_kib / 1024, "base_mib": base_kib / 1024, "extra_mib": (peak_kib - base_kib) / 1024,
             "step_s": min(times), "warmup_s": warm_s}
 
@@ -166,23 +163,6 @@ def run_cases(cases: list, chunk: int, steps: int, world: int) -> list[dict]:
     return rows
 
 
-def versions() -> dict:
-    import deepspeed
-    import torch
-
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    with open("/proc/meminfo") as f:
-        mem_gib = int(f.readline().split()[1]) / 2**20
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-            "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-
-
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares y = a + b x."""
     n = len(xs)
@@ -208,6 +188,17 @@ def summary(rows: list[dict]) -> dict:
     out["time_ratio_detached"] = {b: det[b]["step_s"] / plain[b]["step_s"] for b in sizes if b in det}
     out["peak_ratio_detached"] = {b: det[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes if b in det}
     out["peak_ratio"] = {b: gc_[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes}
+    # Activation checkpointing: the same mode with and without it, side by side at each size.
+    out["checkpointing"] = {}
+    for mode in ("plain", "gradcache"):
+        on = {r["global_batch"]: r for r in ok if r["mode"] == mode + "+ckpt"}
+        off = {r["global_batch"]: r for r in ok if r["mode"] == mode}
+        out["checkpointing"][mode] = {b: {"extra": on[b]["extra_mib"] / off[b]["extra_mib"],
+                                          "peak": on[b]["peak_mib"] / off[b]["peak_mib"],
+                                          "time": on[b]["step_s"] / off[b]["step_s"]}
+                                      for b in sorted(set(on) & set(off))}
+    ckpt_gc = {r["global_batch"]: r for r in ok if r["mode"] == "gradcache+ckpt"}
+    out["time_ratio_ckpt"] = {b: ckpt_gc[b]["step_s"] / plain[b]["step_s"] for b in sizes if b in ckpt_gc}
     # Per-rank memory model from the measured points: the plain step's extra memory per sample (activations),
     # and GradCache's per-sample slope (inputs, O(B*D) caches) plus its intercept (one chunk's activations).
     rb = [plain[b]["rank_batch"] for b in sizes]
@@ -266,6 +257,23 @@ def markdown(meta: dict, rows: list[dict], s: dict, chunk: int, world: int) -> s
             f"{s['gradcache_extra_mib_per_sample']:.3f} MiB/sample (inputs and O(B x D) caches), a = "
             f"{s['gradcache_extra_mib_intercept']:.0f} MiB (one chunk of {chunk} with its re-embedded negatives).",
         ]
+    ck = s.get("checkpointing", {})
+    if any(ck.values()):
+        lines += [
+            "",
+            "Activation checkpointing (model.activation_checkpointing=all) vs off, the same mode at the same size "
+            "(ratios on / off; extra = the step's own memory above the resident state):",
+            "",
+            "| global batch | plain: extra | plain: peak | plain: time | GradCache: extra | GradCache: peak | "
+            "GradCache: time | GradCache+ckpt / plain time |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        nan = {"extra": float("nan"), "peak": float("nan"), "time": float("nan")}
+        tc = s.get("time_ratio_ckpt", {})
+        for b in sorted(set(ck.get("plain", {})) | set(ck.get("gradcache", {}))):
+            p, g = ck.get("plain", {}).get(b, nan), ck.get("gradcache", {}).get(b, nan)
+            lines.append(f"| {b} | {p['extra']:.2f} | {p['peak']:.2f} | {p['time']:.2f} | {g['extra']:.2f} | "
+                         f"{g['peak']:.2f} | {g['time']:.2f} | {tc.get(b, float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,10 +293,10 @@ def main() -> None:
         return
     cases = []
     for i, b in enumerate(args.sizes):  # interleaved, the order alternating per size
-        modes = ["plain", "gradcache", "gradcache-detached"]
+        modes = ["plain", "gradcache", "gradcache-detached", "plain+ckpt", "gradcache+ckpt"]
         cases += [(m, b) for m in (modes if i % 2 == 0 else modes[::-1])]
     rows = run_cases(cases, args.chunk, args.steps, args.world)
-    meta = versions()
+    meta = host("torch", "deepspeed")
     s = summary(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradcache.json"), "w") as f:

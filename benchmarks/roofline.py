@@ -43,8 +43,13 @@ Cross-attention (R2D2's ITM shapes, bf16, BH = batch x heads, Lq / Lk, Dh):
   bwd split            FLOPs 14 BH Lq Lk Dh (7 products: the logits and dP recomputed in both kernels);
       exp 2 BH Lq Lk; bytes BH (4 Lq + 4 Lk) Dh e + BH Lq 8 + the dK/dV kernel's rereads of q and dO per key
       block: BH ceil(Lk / BN) 2 Lq Dh e
-  layout copies        q, k, v (and dO) made contiguous from (B, L, H, Dh) views: read + write each, 2 x size
-                       (not removed yet: the kernels still take contiguous (B, H, L, Dh))
+  layout copies (before issue 13 only; now the kernels take every operand's strides)
+                       fwd: q, k, v made contiguous from the projections' (B, L, H, Dh) views and the output's
+                       head merge (B, H, Lq, Dh) -> (B, Lq, H*Dh); bwd: dO made contiguous and the dq, dk, dv head
+                       merges; each reads and writes its tensor once: 2 BH (2 Lq + 2 Lk) Dh e per direction.
+                       The strided kernels read the same bytes as the contiguous ones: a row of a (B, L, H, Dh)
+                       view is Dh e = 128 contiguous bytes at Dh 64 bf16 (whole 32-byte sectors, aligned since the
+                       sequence stride H Dh e is a multiple of 128), so no sector is fetched for a partial row.
 
     python benchmarks/roofline.py                              # prints the table
     python benchmarks/roofline.py --out benchmarks/results/roofline --ceilings OUT/ceilings.json
@@ -159,9 +164,10 @@ def _fits(length: int, dh: int) -> bool:
     return block <= 128 and block * max(16, 1 << (dh - 1).bit_length()) <= 8192
 
 
-def attention_paths(bh: int, lq: int, lk: int, dh: int, e: int = 2, copies: bool = True,
+def attention_paths(bh: int, lq: int, lk: int, dh: int, e: int = 2, copies: bool = False,
                     key_fused: bool = True) -> dict[str, list]:
-    """Forward and backward kernels at one shape; key_fused: the key-fused backward exists (after issue 13)."""
+    """Forward and backward kernels at one shape. Before issue 13: copies (the layout copies around the kernels)
+    and no key-fused backward; after: neither copies nor the split backward at Lk <= 128."""
     fused = _fits(lq, dh) or (key_fused and _fits(lk, dh))
     fwd = Kernel("fwd", 4 * bh * lq * lk * dh, bh * (2 * lq + 2 * lk) * dh * e + bh * lq * 4,
                  bh * math.ceil(lq / 64), exp=bh * lq * lk)
@@ -172,10 +178,12 @@ def attention_paths(bh: int, lq: int, lk: int, dh: int, e: int = 2, copies: bool
         bwd = [Kernel("bwd split", 14 * bh * lq * lk * dh,
                       bh * (4 * lq + 4 * lk) * dh * e + bh * lq * 8 + bh * math.ceil(lk / 64) * 2 * lq * dh * e,
                       bh * math.ceil(lk / 64), exp=2 * bh * lq * lk)]
-    cp = []
-    if copies:
-        cp = [Kernel("copies q k v dO", 0, 2 * bh * (2 * lq + 2 * lk) * dh * e, 10**6)]
-    return {"fwd": [fwd] + cp[:1], "bwd": bwd}
+    fwd = [fwd]
+    if copies:  # a copy kernel fills every SM (programs: any number past the SM count)
+        copy_bytes = 2 * bh * (2 * lq + 2 * lk) * dh * e
+        fwd.append(Kernel("copies q k v + merge o", 0, copy_bytes, 10**6))
+        bwd.append(Kernel("copies dO + merge dq dk dv", 0, copy_bytes, 10**6))
+    return {"fwd": fwd, "bwd": bwd}
 
 
 def table(ceilings: dict | None = None) -> dict:
@@ -194,9 +202,9 @@ def table(ceilings: dict | None = None) -> dict:
                 rows.append(row)
     for name, (batch, lq, lk) in {"text-query (ITM)": (3 * 512, 64, 257),
                                   "image-query (ITM)": (3 * 512, 257, 64)}.items():
-        for when, key_fused in (("before", False), ("after", True)):
+        for when, after in (("before", False), ("after", True)):
             for path in ("fwd", "bwd"):
-                kernels = attention_paths(batch * 12, lq, lk, 64, key_fused=key_fused)[path]
+                kernels = attention_paths(batch * 12, lq, lk, 64, copies=not after, key_fused=after)[path]
                 rows.append({"op": "cross_attention", "path": f"{name} {path} {when}", "B": batch, "D": 64,
                              "tflop": sum(k.flops for k in kernels) / 1e12,
                              "gb": sum(k.bytes for k in kernels) / 1e9, "ms": sum(k.ms(c) for k in kernels),

@@ -41,6 +41,7 @@ def _nonempty(obj: Any, section: str, *names: str) -> None:
 
 
 _IMPLS = ("auto", "torch", "triton", "reference")
+CHECKPOINTING = ("none", "towers", "cross", "all")  # model.activation_checkpointing (r2d2ds/models/checkpointing.py)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what data.image_formats may allow
 
 
@@ -71,6 +72,9 @@ class ModelConfig:
     ema_momentum: float = 0.995
     attention_impl: str = "auto"  # r2d2ds.kernels.cross_attention impl
     contrastive_impl: str = "auto"  # r2d2ds.kernels.contrastive_loss impl
+    # Recompute blocks in the backward instead of keeping their activations: the towers' blocks, the cross
+    # encoders' layers, both, or none. Same gradients (dropout replayed), about one extra forward of what it covers.
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.embed_dim > 0, "model.embed_dim", f"must be > 0, got {self.embed_dim}")
@@ -90,6 +94,8 @@ class ModelConfig:
         _check(0.0 <= self.ema_momentum < 1.0, "model.ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         _check(self.attention_impl in _IMPLS, "model.attention_impl", f"must be one of {_IMPLS}")
         _check(self.contrastive_impl in _IMPLS, "model.contrastive_impl", f"must be one of {_IMPLS}")
+        _check(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
+               f"must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}")
 
 
 @dataclass

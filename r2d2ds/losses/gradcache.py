@@ -37,6 +37,15 @@ by the engine's epilogue); here there is exactly one backward per engine forward
 scale_wrt_gas=False)`: the chunk losses already sum to the rank batch's loss, so the engine's 1/GAS division
 would be wrong; we divide by the number of GradCache passes per step ourselves (same as plain accumulation).
 Loss scaling (fp16) is linear, so a scaled surrogate yields the scaled gradient; bf16/fp32 need none.
+
+ZeRO-3 gathers a module's parameters (an all-gather, collective) when the module runs, so every rank must run the
+same modules in the same order: each chunk runs the negatives' towers on every rank even with nothing to
+re-embed (`_negative_tokens`). Its prefetcher replays the module order recorded in one engine forward in the
+next; pass 1 (towers only, chunk after chunk) has another order than the chunk passes, which all share one, so the
+trace is dropped once per step ("Invalidate trace cache" in DeepSpeed's debug log): pass 1 and the first chunk
+fetch on demand, later chunks prefetch; gradients and the release of gathered parameters are unaffected
+(tests/training/test_gradcache_engine.py). Activation checkpointing (model.activation_checkpointing) stays exact
+here: a block's recompute replays the RNG state its (replayed) forward saw.
 """
 
 from __future__ import annotations
@@ -257,12 +266,19 @@ def _negative_rows(rows: Tensor, cache: _Cache, chunk: slice) -> tuple[Tensor, T
     return idx, outside
 
 
-def _negative_tokens(encode, raw: list[Tensor], idx: Tensor, chunk_tokens: Tensor, negatives: str) -> Tensor:
+def _negative_tokens(encode, raw: list[Tensor], own: list[Tensor], idx: Tensor, chunk_tokens: Tensor,
+                     negatives: str) -> Tensor:
     """Tokens of the negatives: this chunk's own tokens, or the fetched rows re-embedded by `encode(*raw)`,
-    with gradient ("reembed") or without ("detached", where in-chunk negatives are detached too)."""
-    grad = negatives == "reembed"
+    with gradient ("reembed") or without ("detached", where in-chunk negatives are detached too).
+
+    The tower runs on every rank for every chunk, also when this rank has nothing to re-embed (one of the chunk's
+    `own` rows stands in, its output dropped): under ZeRO-3 a tower's forward all-gathers its parameters, a
+    collective, so a rank skipping it while another runs it pairs mismatched all-gathers (gloo aborts with a
+    collective-size mismatch, NCCL hangs); the dropped row also keeps every rank's backward over the same
+    parameters, and the module order the same from chunk to chunk (ZeRO-3's prefetch trace stays valid)."""
+    grad, n = negatives == "reembed", raw[0].shape[0]
     with contextlib.nullcontext() if grad else torch.no_grad():
-        extra = encode(*raw) if raw[0].shape[0] else chunk_tokens[:0]
+        extra = encode(*(raw if n else [t[:1] for t in own]))[:n]
     pool = chunk_tokens if grad else chunk_tokens.detach()
     return torch.cat([pool, extra])[idx]
 
@@ -310,10 +326,10 @@ def chunk_pass(obj, batch: dict, teacher, cache: _Cache, c: int, negatives: str)
             # requests. Raw inputs travel (pixels, ids, mask), only the chosen rows, no autograd.
             t_plan, i_plan = plan_row_exchanges([t_rows, i_rows], cache.sizes, cache.group)
             t_ids, t_mask, i_image = t_plan.fetch(ids), t_plan.fetch(mask), i_plan.fetch(image)
-            neg_txt_tok = _negative_tokens(lambda i, m: model.encode_text(i, m)[0], [t_ids, t_mask], t_idx,
-                                           txt_tokens, negatives)
-            neg_img_tok = _negative_tokens(lambda x: model.encode_image(x)[0], [i_image], i_idx, img_tokens,
-                                           negatives)
+            neg_txt_tok = _negative_tokens(lambda i, m: model.encode_text(i, m)[0], [t_ids, t_mask],
+                                           [ids[sl], mask[sl]], t_idx, txt_tokens, negatives)
+            neg_img_tok = _negative_tokens(lambda x: model.encode_image(x)[0], [i_image], [image[sl]], i_idx,
+                                           img_tokens, negatives)
             neg_mask = torch.cat([mask[sl], t_mask])[t_idx]
             img = torch.cat([img_tokens, img_tokens, neg_img_tok])  # (3 B_c, N, Wi)
             txt = torch.cat([txt_tokens, neg_txt_tok, txt_tokens])  # (3 B_c, L, Wt)

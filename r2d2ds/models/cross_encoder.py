@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from r2d2ds.kernels import cross_attention
+from r2d2ds.models.checkpointing import checkpointed
 
 
 class MultiHeadAttention(nn.Module):
@@ -31,14 +32,16 @@ class MultiHeadAttention(nn.Module):
 
     def _split(self, t: Tensor) -> Tensor:
         b, n, w = t.shape
-        return t.view(b, n, self.heads, w // self.heads).transpose(1, 2)  # (B, H, L, Dh)
+        # A view, no copy: (B, H, L, Dh) with the strides of the (B, L, H, Dh) projection output.
+        return t.view(b, n, self.heads, w // self.heads).transpose(1, 2)
 
     def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
         # x: (B, Lq, W), ctx: (B, Lk, W), ctx_mask: bool (B, Lk) True = attend, or None
         q, k, v = self._split(self.q(x)), self._split(self.k(ctx)), self._split(self.v(ctx))
-        # The kernel wants contiguous (B, H, L, Dh) blocks; transpose() leaves strided views.
-        o = cross_attention(q.contiguous(), k.contiguous(), v.contiguous(), key_mask=ctx_mask,
-                            impl=self.attention_impl)  # (B, H, Lq, Dh)
+        # The Triton kernel reads these strided views in place and writes o in q's (B, Lq, H, Dh) layout, so the
+        # merge below is a view and its backward hands the kernel dO as a view too (dq / dk / dv come back in
+        # the projections' layouts): no copy either way. The SDPA path copies where it must.
+        o = cross_attention(q, k, v, key_mask=ctx_mask, impl=self.attention_impl)  # (B, H, Lq, Dh)
         b, h, lq, dh = o.shape
         return self.out(o.transpose(1, 2).reshape(b, lq, h * dh))  # (B, Lq, W)
 
@@ -80,17 +83,21 @@ class CrossEncoderLayer(nn.Module):
 
 
 class CrossEncoder(nn.Module):
-    """A stack of `CrossEncoderLayer`s sharing one query/context pair of masks."""
+    """A stack of `CrossEncoderLayer`s sharing one query/context pair of masks.
+
+    `checkpointing`: each layer keeps only its input and is recomputed in the backward (models/checkpointing.py).
+    """
 
     def __init__(self, layers: int, width: int, heads: int, ffn: int, dropout: float = 0.1,
-                 attention_impl: str = "auto") -> None:
+                 attention_impl: str = "auto", checkpointing: bool = False) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         self.layers = nn.ModuleList(
             CrossEncoderLayer(width, heads, ffn, dropout, attention_impl) for _ in range(layers))
 
     def forward(self, x: Tensor, x_mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
         for layer in self.layers:
-            x = layer(x, x_mask, ctx, ctx_mask)
+            x = checkpointed(layer, x, x_mask, ctx, ctx_mask) if self.checkpointing else layer(x, x_mask, ctx, ctx_mask)
         return x
 
 

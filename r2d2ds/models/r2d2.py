@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from r2d2ds.config import ModelConfig
+from r2d2ds.models.checkpointing import wants
 from r2d2ds.models.cross_encoder import CrossEncoder, MLMHead
 from r2d2ds.models.towers import ImageTower, TextTower
 
@@ -75,10 +76,11 @@ class R2D2(nn.Module):
         # Image tokens enter both cross encoders at the cross width (one shared projection).
         self.image_to_cross = (nn.Linear(self.image_tower.width, width) if self.image_tower.width != width
                                else nn.Identity())
+        ckpt = wants(cfg.activation_checkpointing, "cross")
         self.text_query_encoder = CrossEncoder(cfg.cross_layers, width, cfg.cross_heads, ffn,
-                                               cfg.cross_dropout, cfg.attention_impl)
+                                               cfg.cross_dropout, cfg.attention_impl, ckpt)
         self.image_query_encoder = CrossEncoder(cfg.cross_layers, width, cfg.cross_heads, ffn,
-                                                cfg.cross_dropout, cfg.attention_impl)
+                                                cfg.cross_dropout, cfg.attention_impl, ckpt)
         self.itm_text_query = ITMHead(width)
         self.itm_image_query = ITMHead(width)
         self.mlm_head = MLMHead(width, vocab_size)

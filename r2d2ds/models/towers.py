@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import r2d2ds  # noqa: F401  (the torchvision shim must run before timm/transformers import torchvision)
 from r2d2ds.config import ModelConfig
+from r2d2ds.models.checkpointing import enable_timm, enable_transformers, wants
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class ImageTower(nn.Module):
         # pre-hook, which calling forward_features() directly would bypass. A partial of a module-level
         # function (not a bound method) survives deepcopy and pickling with the instance.
         self.body.forward = functools.partial(_features_and_pooled, self.body)
+        if wants(cfg.activation_checkpointing, "towers"):
+            enable_timm(self.body, cfg.image_model)
         # ViTs with a class token already put it first; others (avg-pooled ViTs, CNNs) get the pooled vector
         # prepended so that "first token" always means a summary token for the image-query ITM head.
         self.has_cls = getattr(self.body, "cls_token", None) is not None
@@ -152,6 +155,8 @@ class TextTower(nn.Module):
                 self.body.resize_token_embeddings(vocab_size)
         else:
             self.body = self._build(lambda **kw: AutoModel.from_config(config, **kw))
+        if wants(cfg.activation_checkpointing, "towers"):
+            enable_transformers(self.body, cfg.text_model)
         self.width = int(self.body.config.hidden_size)
 
     @staticmethod

@@ -210,22 +210,144 @@ def test_fully_masked_rows_give_zero_output_and_zero_gradient(impl):
     assert dv[~empty].abs().sum() > 0 and out[~empty].abs().sum() > 0
 
 
-def test_every_output_element_is_written(bwd_path):
-    """Launch into NaN-filled buffers: any element a kernel forgets to store stays NaN."""
+# ----------------------------------------------------------------------------------------------------------
+# Strided operands: read in place, written in the inputs' layouts
+# ----------------------------------------------------------------------------------------------------------
+LAYOUTS = ["bhld", "blhd", "odd"]
+
+
+def _as_layout(t: torch.Tensor, layout: str, role: str) -> torch.Tensor:
+    """The values of the (B, H, L, Dh) tensor `t` stored in `layout` (a view, not a copy, of its buffer):
+    "bhld" contiguous (B, H, L, Dh); "blhd" a (B, L, H*Dh) projection output viewed as (B, L, H, Dh) and
+    transposed, as the cross encoder splits its heads; "odd" an awkward view per role (q: one head slice of a
+    packed qkv buffer padded in Dh; k: head dim outermost, so its stride is B*H*Lk and the sequence stride 1;
+    v: every other row of a buffer twice as long; dO: sequence-major with the head dim strided). Whatever the
+    view does not cover is NaN, so reading outside it (a wrong stride) poisons the result."""
+    B, H, L, Dh = t.shape
+    if layout == "bhld":
+        return t.contiguous()
+    if layout == "blhd":
+        return t.transpose(1, 2).reshape(B, L, H * Dh).view(B, L, H, Dh).transpose(1, 2)
+    full = lambda *size: torch.full(size, float("nan"), dtype=t.dtype, device=t.device)
+    view = {"q": lambda: full(B, L, 3, H, Dh + 3)[:, :, 1, :, :Dh].transpose(1, 2),
+            "k": lambda: full(Dh, B, H, L).permute(1, 2, 3, 0),
+            "v": lambda: full(B, H, 2 * L, Dh)[:, :, ::2],
+            "do": lambda: full(L, Dh, B, H).permute(2, 3, 0, 1)}[role]()
+    view.copy_(t)
+    return view
+
+
+def _run_in_place(impl, q, k, v, do, mask, scale=None):
+    """_run without the clone: the leaves keep their layouts (detach() is a view)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = cross_attention(*leaves, key_mask=mask, scale=scale, impl=impl)
+    return (out, *torch.autograd.grad(out, leaves, do))
+
+
+# On CUDA every stride pattern is a compile per kernel (Triton specialises strides equal to 1 and divisible by
+# 16): there the strided layouts run at bf16 only (the contiguous one is every other test's).
+STRIDED_CASES = [pytest.param(layout, dtype, id=f"{layout}-{str(dtype).removeprefix('torch.')}")
+                 for layout in LAYOUTS for dtype in (torch.float32, torch.bfloat16)
+                 if not ON_CUDA or (layout != "bhld" and dtype == torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("layout", "dtype"), STRIDED_CASES)
+def test_strided_layouts_match_reference_and_keep_their_layout(layout, dtype, bwd_path, monkeypatch):
+    """Every backward path on (B, H, L, Dh) views in three layouts (head dim 24: padded inside the kernel):
+    within the torch-path error of the float64 reference, the operands reach the kernels as the caller's views
+    (same memory, same strides), and out / dq / dk / dv come back in q's / k's / v's layouts."""
+    shape = (2, 3, 20, 37, 24)
+    q0, k0, v0, do0, _ = _inputs(shape, dtype, "none", seed=8)
+    gen = torch.Generator().manual_seed(9)
+    # A key mask that is itself a strided view: column b of a (Lk, B) table.
+    mask = (torch.rand(shape[3], shape[0], generator=gen) > 0.3).to(DEVICE).t()
+    q, k, v, do = (_as_layout(t, layout, role) for t, role in ((q0, "q"), (k0, "k"), (v0, "v"), (do0, "do")))
+    seen = []
+    real_fwd, real_bwd = ca_module._cross_attention_fwd, ca_module._cross_attention_bwd
+
+    def spy_fwd(q_, k_, v_, *rest, **kw):
+        seen.append([(t.data_ptr(), t.stride()) for t in (q_, k_, v_)])
+        return real_fwd(q_, k_, v_, *rest, **kw)
+
+    def spy_bwd(do_, *rest, **kw):
+        seen.append([(do_.data_ptr(), do_.stride())])
+        return real_bwd(do_, *rest, **kw)
+
+    monkeypatch.setattr(ca_module, "_cross_attention_fwd", spy_fwd)
+    monkeypatch.setattr(ca_module, "_cross_attention_bwd", spy_bwd)
+    got = _run_in_place("triton", q, k, v, do, mask)
+    assert seen == [[(t.data_ptr(), t.stride()) for t in (q, k, v)], [(do.data_ptr(), do.stride())]], (
+        "an operand was copied on its way to the kernels")
+    for name, g, like in zip(TOL_NAMES, got, (q, q, k, v)):
+        assert g.stride() == torch.empty_like(like).stride(), f"{layout}: {name} strides {g.stride()}"
+    ref = _reference(q0, k0, v0, do0, mask)
+    torch_got = _run("torch", q0, k0, v0, do0, mask)
+    _assert_close_as_torch(got, torch_got, ref, _rounding_bounds(q0, k0, v0, do0, mask), f"{layout} {bwd_path}")
+
+
+def test_broadcast_grad_and_custom_scale():
+    """out.sum().backward() hands the backward a dO of stride 0 everywhere (an expanded scalar): read in place."""
+    q, k, v, _, mask = _inputs((2, 3, 12, 30, 32), torch.float32, "padding", seed=4)
+    q, k, v = (_as_layout(t, "blhd", "q") for t in (q, k, v))
+    ones = torch.ones(1, device=DEVICE).expand(q.shape)
+    assert ones.stride() == (0, 0, 0, 0)
+    got = _run_in_place("triton", q, k, v, ones, mask, scale=0.3)
+    ref = _reference(q, k, v, ones, mask, scale=0.3)
+    torch_got = _run("torch", q, k, v, ones, mask, scale=0.3)
+    _assert_close_as_torch(got, torch_got, ref, _rounding_bounds(q, k, v, ones, mask, scale=0.3), "dO stride 0")
+
+
+def test_previous_contiguous_layout_gives_the_same_numbers(monkeypatch):
+    """R2D2DS_CROSS_ATTENTION_LAYOUT=contiguous (the copy path, kept until a GPU has timed both) runs the same
+    kernels on copies: identical numbers, out / grads in the contiguous layout. A bad value is refused."""
+    q, k, v, do, mask = (_as_layout(t, "blhd", "q") if t is not None and t.dim() == 4 else t
+                         for t in _inputs((2, 2, 9, 40, 32), torch.float32, "padding", seed=10))
+    strided = _run_in_place("triton", q, k, v, do, mask)
+    monkeypatch.setenv("R2D2DS_CROSS_ATTENTION_LAYOUT", "contiguous")
+    copied = _run_in_place("triton", q, k, v, do, mask)
+    for name, a, b in zip(TOL_NAMES, strided, copied):
+        assert torch.equal(a, b), name
+        assert b.is_contiguous() and not a.is_contiguous(), name
+    monkeypatch.setenv("R2D2DS_CROSS_ATTENTION_LAYOUT", "packed")
+    with pytest.raises(ValueError, match="R2D2DS_CROSS_ATTENTION_LAYOUT"):
+        cross_attention(q, k, v, impl="triton")
+    assert cross_attention(q, k, v, impl="torch").shape == q.shape  # the fallback paths never read it
+
+
+@pytest.mark.parametrize("layout", ["bhld", "padded_blhd"])
+def test_every_output_element_is_written(bwd_path, layout):
+    """Launch into NaN-filled buffers: any element a kernel forgets to store stays NaN. In the padded layout
+    every operand is a (B, L, H, Dh) view of a buffer 5 wider in Dh: a store through a wrong stride either
+    leaves NaN in the view or writes into the padding, which must stay NaN."""
     shape = (2, 2, 37, 70, 64)
     q, k, v, do, mask = _inputs(shape, torch.float32, "holes_and_empty", seed=3)
     B, H, Lq, Lk, Dh = shape
     scale = Dh**-0.5
     nan = float("nan")
-    out = torch.full_like(q, nan)
+
+    def buffer(like: torch.Tensor, fill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if layout == "bhld":
+            view = torch.full_like(like, nan)
+            base = view
+        else:
+            base = torch.full((B, like.shape[2], H, Dh + 5), nan, device=DEVICE)
+            view = base[..., :Dh].transpose(1, 2)
+        if fill is not None:
+            view.copy_(fill)
+        return view, base
+
+    q, k, v, do = (buffer(t, t)[0] for t in (q, k, v, do))
+    (out, out_base), (dq, dq_base), (dk, dk_base), (dv, dv_base) = (buffer(t) for t in (q, q, k, v))
     lse = torch.full((B, H, Lq), nan, device=DEVICE)
     _cross_attention_fwd(q, k, v, mask, scale, out=out, lse=lse)
-    dq, dk, dv = (torch.full_like(t, nan) for t in (q, k, v))
     _cross_attention_bwd(do, q, k, v, out, lse, mask, scale, dq=dq, dk=dk, dv=dv)
     ref = _reference(q, k, v, do, mask)
     for name, got, r in zip(TOL_NAMES, (out, dq, dk, dv), ref):
         assert not torch.isnan(got).any(), f"{name} has unwritten (NaN) elements"
         assert _err(got, r) < 1e-4, name
+    if layout == "padded_blhd":
+        for name, base in zip(TOL_NAMES, (out_base, dq_base, dk_base, dv_base)):
+            assert torch.isnan(base[..., Dh:]).all(), f"{name}: a store landed outside its view"
     # The saved LSE is the base-2 log-sum-exp of the scaled scores; +inf marks rows with no valid key.
     s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
     s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
@@ -235,21 +357,50 @@ def test_every_output_element_is_written(bwd_path):
     torch.testing.assert_close(lse[~empty].double(), lse_ref[~empty], rtol=0, atol=1e-5)
 
 
-def test_non_contiguous_inputs_and_custom_scale():
-    """Heads split from a (B, L, H, Dh) projection arrive as strided views; the functional API takes them."""
-    B, H, Lq, Lk, Dh = 2, 3, 12, 30, 32
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(B, Lq, H, Dh, generator=gen).to(DEVICE).transpose(1, 2)  # (B, H, Lq, Dh), strided
-    kv = torch.randn(B, Lk, 2, H, Dh, generator=gen).to(DEVICE)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, Lk, Dh), strided
-    assert not q.is_contiguous() and not k.is_contiguous()
-    do = torch.randn(B, H, Lq, Dh, generator=gen).to(DEVICE)
-    mask = _make_mask("padding", B, Lk, gen).to(DEVICE)
-    ref = _reference(q, k, v, do, mask, scale=0.3)
-    got = _run("triton", q, k, v, do, mask, scale=0.3)
-    torch_got = _run("torch", q, k, v, do, mask, scale=0.3)
-    bounds = _rounding_bounds(q, k, v, do, mask, scale=0.3)
-    _assert_close_as_torch(got, torch_got, ref, bounds, "strided, scale 0.3")
+def test_overlapping_output_buffers_are_refused():
+    q, k, v, _, mask = _inputs((2, 2, 8, 16, 32), torch.float32, "padding", seed=6)
+    overlapping = torch.empty(2, 2, 1, 32, device=DEVICE).expand(q.shape)  # 8 rows on one address
+    with pytest.raises(AssertionError, match="overlap"):
+        _cross_attention_fwd(q, k, v, mask, 0.2, out=overlapping)
+
+
+def _offsets_probe():
+    """A one-program kernel that stores _offsets(b, h, rows, cols, strides) for 16 x 16 (row, col) pairs."""
+    global _ca_offsets
+    import triton
+    import triton.language as tl
+
+    ca_module._triton_kernels()
+    _ca_offsets = ca_module._offsets
+
+    @triton.jit
+    def probe(Out, b, h, row0, stride_b, stride_h, stride_l, stride_d, R: tl.constexpr, C: tl.constexpr):
+        rows = row0 + tl.arange(0, R)
+        cols = tl.arange(0, C)
+        off = _ca_offsets(b, h, rows, cols, stride_b, stride_h, stride_l, stride_d)
+        tl.store(Out + tl.arange(0, R)[:, None] * C + cols[None, :], off)
+
+    return probe
+
+
+def test_element_offsets_are_int64_past_2_to_the_31():
+    """Every load and store address comes from _offsets; each of its four products here passes 2^31 while every
+    argument fits int32 (as a program id and a view's strides do), so an int32 product anywhere would wrap
+    (the interpreter wraps int32 like a GPU) and miss the exact value."""
+    b, h, row0 = 3, 2, 2000
+    strides = (2**30 + 3, 2**30, 2**21 + 1, 2**28)  # batch, head, sequence, head dim: all < 2^31
+    out = torch.zeros(16, 16, dtype=torch.int64, device=DEVICE)
+    _offsets_probe()[(1,)](out, b, h, row0, *strides, R=16, C=16)
+    rows, cols = torch.arange(row0, row0 + 16)[:, None], torch.arange(16)[None, :]
+    expected = b * strides[0] + h * strides[1] + rows * strides[2] + cols * strides[3]
+    assert expected.min() > 2**32
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_launch_refuses_more_batch_heads_than_grid_axis_0():
+    q = torch.empty(1, 1, 1, 16, device=DEVICE).expand(2**16, 2**15 + 1, 1, 16)  # stride 0: no memory
+    with pytest.raises(AssertionError, match="grid axis 0"):
+        ca_module._check_launch(q, q, q, None)
 
 
 def test_auto_picks_triton_on_cuda_only(monkeypatch):

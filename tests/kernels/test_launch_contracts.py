@@ -159,7 +159,8 @@ def test_autotune_key_holds_every_size_the_prune_reads(idx):
     name, kernel, configs = _kernels_with_tiles()[idx]
     assert kernel.early_config_prune is not None, name
     t = torch.empty(4, 4, dtype=torch.bfloat16)
-    base = {a: (64 if a in INT_ARGS else t) for a in kernel.arg_names}
+    # Strides are sizes too (cross-attention passes every operand's four): the prune must not read them either.
+    base = {a: (64 if a in INT_ARGS or a.startswith("stride_") else t) for a in kernel.arg_names}
     ints = [a for a in kernel.arg_names if isinstance(base[a], int)]
     prune = lambda args: [str(c) for c in kernel.early_config_prune(configs, args)]
     for arg in ints:

@@ -65,3 +65,22 @@ def test_underfilled_grid_is_charged():
     k = roofline.Kernel("fwd", 1e12, 0, 64)
     full = roofline.Kernel("fwd", 1e12, 0, 132)
     assert k.ms(roofline.DEFAULT_CEILINGS) == pytest.approx(full.ms(roofline.DEFAULT_CEILINGS) * 132 / 64)
+
+
+def test_cross_attention_layout_copies_counted_before_and_gone_after():
+    """Before issue 13 the text-query path (same fused kernels before and after) moved 8 extra tensors: q, k, v
+    and the output's head merge forward, dO and the dq, dk, dv head merges backward, each read and written once;
+    the strided kernels read the projections in place, so after only the kernels' own bytes remain."""
+    bh, lq, lk, dh, e = 3 * 512 * 12, 64, 257, 64, 2
+    before = roofline.attention_paths(bh, lq, lk, dh, e, copies=True, key_fused=False)
+    after = roofline.attention_paths(bh, lq, lk, dh, e)
+    size = lambda length: bh * length * dh * e  # bytes of one (BH, L, Dh) tensor
+    for direction in ("fwd", "bwd"):
+        extra = sum(k.bytes for k in before[direction]) - sum(k.bytes for k in after[direction])
+        assert extra == 2 * (2 * size(lq) + 2 * size(lk)), direction
+        assert all("copies" not in k.name for k in after[direction])
+    t = roofline.table()
+    row = lambda path: next(r for r in t["rows"] if r["path"] == path)
+    for name in ("text-query (ITM)", "image-query (ITM)"):
+        for direction in ("fwd", "bwd"):
+            assert row(f"{name} {direction} after")["gb"] < 0.6 * row(f"{name} {direction} before")["gb"]

@@ -9,10 +9,12 @@ under ZeRO 1/2/3 is tests/training/test_gradcache_engine.py. All cases run in ON
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 import r2d2ds  # noqa: F401
 from r2d2ds.config import Config, ConfigError, DataConfig, TrainConfig
@@ -44,14 +46,14 @@ class _Engine:
         pass
 
 
-def _build(loss: dict, dropout: bool):
+def _build(loss: dict, dropout: bool, ckpt: str = "none"):
     from r2d2ds.losses import R2D2Pretraining
     from r2d2ds.models import make_teacher
 
     torch.manual_seed(0)  # identical initialisation on every rank
     mc = tiny_model_config(image_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
-                                             proj_drop_rate=0.1))
-    mc = mc if dropout else no_dropout(tiny_model_config())
+                                             proj_drop_rate=0.1), activation_checkpointing=ckpt)
+    mc = mc if dropout else no_dropout(tiny_model_config(activation_checkpointing=ckpt))
     obj = R2D2Pretraining(mc, tiny_loss_config(**loss), VOCAB, PAD, MASK, SPECIALS)
     teacher = make_teacher(obj.model) if obj.uses_teacher() else None
     if teacher is not None:  # a teacher that differs from the student, so TgD/FgD are not trivial
@@ -79,12 +81,13 @@ def _reference(loss: dict, batch: dict) -> dict[str, torch.Tensor]:
     return _averaged_grads(obj)
 
 
-def _chunked_reference(loss: dict, batch: dict, chunk: int, rng_seed: int) -> dict[str, torch.Tensor]:
+def _chunked_reference(loss: dict, batch: dict, chunk: int, rng_seed: int,
+                       ckpt: str = "none") -> dict[str, torch.Tensor]:
     """With dropout: the towers run chunk by chunk WITH gradient (the dropout masks GradCache's pass 1 draws from
     the same starting RNG state), the contrastive terms on the concatenation, one backward over everything."""
     from r2d2ds.losses import gcpr_loss, tgd_loss
 
-    obj, teacher = _build(loss, dropout=True)
+    obj, teacher = _build(loss, dropout=True, ckpt=ckpt)
     model, lc = obj.model, obj.loss_cfg
     torch.manual_seed(rng_seed)
     img, txt = [], []
@@ -105,10 +108,10 @@ def _chunked_reference(loss: dict, batch: dict, chunk: int, rng_seed: int) -> di
 
 
 def _gradcache(loss: dict, batch: dict, chunk: int, dropout: bool = False, negatives: str = "reembed",
-               rng_seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               rng_seed: int = 0, ckpt: str = "none") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from r2d2ds.losses.gradcache import BatchPlan, GradCache
 
-    obj, teacher = _build(loss, dropout)
+    obj, teacher = _build(loss, dropout, ckpt)
     plan = BatchPlan(global_batch=2 * ROWS, world=2, grad_accum=1, rank_batch=ROWS, chunk_size=chunk)
     torch.manual_seed(rng_seed)
     out = GradCache(plan, negatives).step(_Engine(obj), batch, teacher, SEED)
@@ -131,6 +134,53 @@ def _accumulated(loss: dict, batch: dict, chunk: int) -> tuple[dict, dict]:
     for i, half in enumerate(halves):
         gc.step(_Engine(obj), half, teacher, SEED + i)
     return ref, _averaged_grads(obj)
+
+
+PARTS = ("model.image_tower", "model.text_tower", "model.text_query_encoder", "model.image_query_encoder")
+BLOCKS = re.compile(r"(model\.image_tower\.body\.blocks|model\.text_tower\.body\.encoder\.layer|"
+                    r"model\.(?:text|image)_query_encoder\.layers)\.\d+")
+
+
+def _plain(loss: dict, batch: dict, ckpt: str, rng_seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """One-shot step with dropout on. Also counts the Linear calls of every block (ViT block, BertLayer,
+    cross-encoder layer) in the forward and in the backward (the recompute: none without checkpointing)."""
+    obj, teacher = _build(loss, dropout=True, ckpt=ckpt)
+    calls: dict = {}
+    phase = ["fwd"]
+
+    def count(block):
+        def hook(*_):
+            calls[block, phase[0]] = calls.get((block, phase[0]), 0) + 1
+        return hook
+
+    for name, mod in obj.named_modules():
+        block = BLOCKS.match(name)
+        if block is not None and isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(count(block.group(0)))
+    torch.manual_seed(rng_seed)
+    loss_value = obj(batch, teacher, SEED)["loss"]
+    phase[0] = "bwd"
+    loss_value.backward()
+    return _averaged_grads(obj), calls
+
+
+def _checkpointing_cases(rank: int, local: dict) -> dict:
+    """Activation checkpointing with dropout on: on/off give the same gradients for a plain step and for
+    GradCache (full loss); GradCache with it on equals the chunked reference without it; each setting
+    recomputes exactly its parts; without RNG preservation the recompute draws other masks."""
+    res = {}
+    for ckpt in ("none", "towers", "cross", "all"):
+        res[f"ckpt/plain/{ckpt}"], res[f"ckpt/recomputed/{ckpt}"] = _plain(FULL, local, ckpt, 11 + rank)
+    for ckpt in ("none", "all"):
+        res[f"ckpt/gc/{ckpt}"], _ = _gradcache(FULL, local, 3, dropout=True, rng_seed=11 + rank, ckpt=ckpt)
+    res["ckpt/gcpr_tgd/gc"], _ = _gradcache(GCPR_TGD, local, 3, dropout=True, rng_seed=7 + rank, ckpt="all")
+    checkpoint = torch.utils.checkpoint.checkpoint
+    torch.utils.checkpoint.checkpoint = lambda *a, **k: checkpoint(*a, **{**k, "preserve_rng_state": False})
+    try:  # the image tower's and the cross encoders' recomputes (timm's and ours call it by attribute)
+        res["ckpt/plain/all/no_rng"], _ = _plain(FULL, local, "all", 11 + rank)
+    finally:
+        torch.utils.checkpoint.checkpoint = checkpoint
+    return res
 
 
 def _rank_fn(rank: int, world: int, batch: dict):
@@ -164,6 +214,7 @@ def _rank_fn(rank: int, world: int, batch: dict):
         res["drop/gcpr/no_replay"], _ = _gradcache(GCPR, local, 3, dropout=True, rng_seed=7 + rank)
     finally:
         gradcache._replay_rng = replay
+    res.update(_checkpointing_cases(rank, local))
     return res
 
 
@@ -244,6 +295,38 @@ def test_without_rng_replay_dropout_breaks_exactness():
     assert diff > 1e-3
 
 
+# --------------------------------------------------------------------------------- activation checkpointing
+@pytest.mark.parametrize("ckpt", ["towers", "cross", "all"])
+def test_checkpointing_gives_the_same_gradients_with_dropout(ckpt):
+    r = _results()
+    _assert_grads_equal(r[f"ckpt/plain/{ckpt}"], r["ckpt/plain/none"])
+
+
+@pytest.mark.parametrize("ckpt,recomputed", [("none", ()), ("towers", PARTS[:2]), ("cross", PARTS[2:]),
+                                              ("all", PARTS)])
+def test_checkpointing_recomputes_every_block_of_its_parts(ckpt, recomputed):
+    calls = _results()[f"ckpt/recomputed/{ckpt}"]
+    blocks = sorted({b for b, _ in calls})
+    assert len(blocks) == 8  # 2 ViT blocks, 2 BERT layers, 2 + 2 cross-encoder layers
+    for block in blocks:
+        fwd, bwd = calls[block, "fwd"], calls.get((block, "bwd"), 0)
+        # each forward call of a checkpointed block is recomputed once in the backward; others never
+        assert bwd == (fwd if block.startswith(recomputed) else 0), (block, fwd, bwd)
+
+
+def test_gradcache_with_checkpointing_matches_without():
+    r = _results()
+    _assert_grads_equal(r["ckpt/gc/all"], r["ckpt/gc/none"])  # full loss, dropout in towers and cross encoders
+    _assert_grads_equal(r["ckpt/gcpr_tgd/gc"], r["drop/gcpr_tgd/ref"])  # = the chunked step with its graph
+
+
+def test_checkpointing_without_rng_preservation_breaks_exactness():
+    r = _results()
+    got, want = r["ckpt/plain/all/no_rng"], r["ckpt/plain/none"]
+    diff = max((got[n] - want[n]).abs().max().item() / (want[n].abs().max().item() + 1e-12) for n in want)
+    assert diff > 1e-3
+
+
 # --------------------------------------------------------------------------------------- batch plan
 def _cfg(**train) -> Config:
     return Config(data=DataConfig(micro_batch=8), train=TrainConfig(**train))
@@ -278,3 +361,9 @@ def test_plan_errors_name_the_key(train, world, key):
 def test_config_rejects_bad_gradcache_keys(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
         TrainConfig(**{key: value})
+
+
+@pytest.mark.parametrize("value", ["yes", "blocks", ""])
+def test_config_rejects_bad_checkpointing_setting(value):
+    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing"):
+        tiny_model_config(activation_checkpointing=value)

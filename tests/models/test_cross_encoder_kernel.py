@@ -6,11 +6,13 @@ On CPU the kernel runs in the Triton interpreter (tests/conftest.py); on CUDA na
 from __future__ import annotations
 
 import importlib
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from r2d2ds.models.cross_encoder import CrossEncoderLayer
+from r2d2ds.models.cross_encoder import CrossEncoderLayer, MultiHeadAttention
 
 pytest.importorskip("triton")
 
@@ -95,3 +97,52 @@ def test_default_impl_uses_the_kernel_on_cuda_only(triton_calls):
     with torch.no_grad():
         layer(x, x_mask, ctx, ctx_mask)
     assert len(triton_calls) == (2 if DEVICE.type == "cuda" else 0)
+
+
+class _CopyCounter(TorchDispatchMode):
+    """Counts the aten ops that copy tensor data (clone, copy_, _to_copy, ...: what .contiguous(), a copying
+    .reshape() and their backwards dispatch), except inside Triton interpreter launches, which stage their
+    arguments with copies of their own (a GPU launch dispatches no aten op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not self.paused and ("clone" in name or "copy" in name):
+            self.copies[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("layout", "copies"), [("strided", 0), ("contiguous", 8)])
+def test_attention_copies_nothing_on_the_strided_path(layout, copies, monkeypatch):
+    """MultiHeadAttention forward + backward on the Triton path (a padded key mask): with the strided layout no
+    op copies (q, k, v read from the projections' (B, L, H, Dh) views, out written where the output projection
+    reads it, dO read from its input gradient, dq / dk / dv written in the projections' layouts). The previous
+    layout is the control that shows the counter sees copies: 8, namely q, k, v and the head merge forward, dO
+    and the dq, dk, dv head merges backward."""
+    monkeypatch.setenv("R2D2DS_CROSS_ATTENTION_LAYOUT", layout)
+    counter = _CopyCounter()
+    if DEVICE.type == "cpu":
+        from triton.runtime import interpreter
+
+        real_call = interpreter.GridExecutor.__call__
+
+        def paused(self, *args, **kwargs):
+            counter.paused = True
+            try:
+                return real_call(self, *args, **kwargs)
+            finally:
+                counter.paused = False
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", paused)
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(64, 2, attention_impl="triton").to(DEVICE)
+    x, _, ctx, ctx_mask, grad_out = _inputs()
+    x, ctx = x.requires_grad_(), ctx.requires_grad_()
+    with counter:
+        attn(x, ctx, ctx_mask).backward(grad_out)
+    assert sum(counter.copies.values()) == copies, dict(counter.copies)
+    assert x.grad.abs().sum() > 0 and ctx.grad.abs().sum() > 0

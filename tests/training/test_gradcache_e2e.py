@@ -1,7 +1,7 @@
 """`deepspeed --num_gpus 2 train.py` with GradCache on 2 CPU ranks: the tiny run (global batch 16 in chunks of
-3, 3 and 2 rows per rank) reproduces the losses of the non-cached run of the same config, step by step (so the
-optimizer saw the same gradients), and a resume from the step-3 checkpoint continues exactly. Slow (real
-launches); CI runs it.
+3, 3 and 2 rows per rank, every block activation-checkpointed) reproduces the losses of the non-cached run of the
+same config without checkpointing, step by step (so the optimizer saw the same gradients), and a resume from the
+step-3 checkpoint continues exactly. Slow (real launches); CI runs it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from tests.training.test_deepspeed_e2e import LOSS_KEYS, ROOT, dataset, launch, 
 
 pytestmark = pytest.mark.slow
 
-GRADCACHE = ("--train.global_batch=16", "--train.chunk_size=3", f"--train.ds_config={ROOT}/ds_configs/zero2.json")
+GRADCACHE = ("--train.global_batch=16", "--train.chunk_size=3", f"--train.ds_config={ROOT}/ds_configs/zero2.json",
+             "--model.activation_checkpointing=all")
 
 
 @pytest.fixture(scope="module")
