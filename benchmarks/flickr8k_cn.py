@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from hostinfo import host  # noqa: E402
+
 CONFIG = "configs/flickr8k_cn.yaml"
 DATA = ".cache/data/flickr8k-cn"
 WEIGHTS = ".cache/weights/tf_efficientnet_lite0.safetensors"
@@ -130,19 +132,6 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
-def hardware() -> dict:
-    import torch
-
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,7 +161,7 @@ def train(variant: str, seed: int, extra: list[str], config: str = CONFIG, runs:
                                                                   f"--variant {variant} --seed {seed}", *extra]),
             "launch": " ".join(cmd), "commit": commit, "dirty": dirty, "date": start,
             "wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "hardware": hardware()}
+            "hardware": host("torch", "deepspeed", "timm", "transformers")}
     (ROOT / run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
     return ROOT / run_dir
 
@@ -247,7 +236,6 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     """Training losses per step of every run (one panel per term) and ITM accuracy."""
     if not rows:
         return None
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from plot import _pyplot
 
     plt = _pyplot()
