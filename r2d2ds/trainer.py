@@ -111,6 +111,7 @@ class Trainer:
             self._resume()
         if rd.is_main_process():
             rundir.truncate_metrics(self.run_dir, self.step)  # steps past the start are logged again
+            rundir.truncate_tensorboard(self.run_dir, self.step, self.engine.global_samples)
 
     # ----------------------------------------------------------------------------------------- state
     def _client_state(self) -> dict[str, Any]:

@@ -102,3 +102,21 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(uninterrupted, d
     assert f"resumed from step{stopped:08d}" in text
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # no step lost, none logged twice
     assert_same_losses(losses(run_dir), losses(uninterrupted), range(1, STEPS + 1))
+
+
+def test_scancel_ends_the_job_for_good(slurm, dataset, tmp_path):
+    # `scancel JOBID` reaches the batch shell as SIGTERM, like a preemption; Slurm accepts `scontrol requeue` of
+    # the cancelled job, so a script that requeued on every stop signal brought cancelled jobs back.
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(run_dir, dataset, log)
+    wait_for_step(run_dir, 1, timeout=300)
+    subprocess.run(["scancel", job], check=True)
+    wait_done(job, log)
+    t0 = time.monotonic()
+    while "requeue" not in log.read_text() and time.monotonic() - t0 < 60:  # the script's last word
+        time.sleep(0.5)
+    text = log.read_text()
+    assert "Slurm was already ending the job (state COMPLETING" in text and "not requeueing" in text, text[-4000:]
+    assert "requeueing the job" not in text, text[-4000:]
+    info = job_info(job)
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
