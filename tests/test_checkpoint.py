@@ -180,6 +180,23 @@ def test_truncate_tensorboard_drops_events_past_the_resume_point_on_both_axes(tm
     assert not list(tb.glob("*.tmp"))
 
 
+def test_each_rank_fsyncs_only_its_own_finished_files(tmp_path, monkeypatch):
+    # Rank 1 may still be renaming rank1.safetensors.tmp while rank 0 walks the directory: a rank that opened
+    # another rank's temp file failed the save (FileNotFoundError) and srun then killed the other rank (143).
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank0.safetensors", "rank1.safetensors.tmp",
+                 "rank1.safetensors", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    synced: dict[int, list[str]] = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(checkpoint, "fsync_file", lambda p, r=rank: synced.setdefault(r, []).append(p.name))
+        checkpoint._fsync_own_files(tmp_path, rank)
+    assert sorted(synced[0]) == ["mp_rank_00_model_states.pt", "rank0.safetensors",
+                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert sorted(synced[1]) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank1.safetensors",
+                                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
 def test_config_keys_for_checkpoints_and_timeouts():
     from r2d2ds.config import load_config
 
