@@ -172,9 +172,10 @@ def _unlink_shm_workspace(info: Launch) -> None:
 def load_jit_op(builder):
     """`builder.load()` for a DeepSpeed op builder, safe against a build lock left by a killed process.
 
-    Every r2d2ds process holds an exclusive flock on `<extensions root>/.r2d2ds-jit.flock` while it loads a JIT
-    op, and torch's `lock` file only exists while some process builds. So a `lock` seen while we hold the flock
-    was left by a builder that died (the kernel dropped its flock; nothing else would ever remove the file).
+    Every r2d2ds process holds an exclusive flock on the op's `<build dir>/.r2d2ds.flock` while it loads that
+    op (one per op: a long build of one never holds up the others), and torch's `lock` file only exists while
+    some process builds. So a `lock` seen while we hold the flock was left by a builder that died (the kernel
+    dropped its flock; nothing else would ever remove the file).
     A process outside r2d2ds building the same op at that moment would lose its lock; sharing a
     TORCH_EXTENSIONS_DIR with such tools while training starts is not supported."""
     from deepspeed.git_version_info import installed_ops
@@ -183,7 +184,7 @@ def load_jit_op(builder):
     if installed_ops.get(builder.name, False):  # pre-built at install: no JIT, no lock
         return builder.load()
     build_dir = Path(_get_build_directory(builder.name, verbose=False))
-    with open(build_dir.parent / ".r2d2ds-jit.flock", "a") as guard:
+    with open(build_dir / ".r2d2ds.flock", "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if we die, unlike torch's lock file
         stale = build_dir / "lock"
         if stale.exists():

@@ -134,7 +134,7 @@ def test_jit_op_load_waits_for_a_live_builder_instead_of_breaking_its_lock(tmp_p
     # A live r2d2ds builder: holds the flock, has torch's lock, finishes its build after a moment.
     live = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time\n"
-        f"g = open({str(tmp_path / '.r2d2ds-jit.flock')!r}, 'a'); fcntl.flock(g, fcntl.LOCK_EX)\n"
+        f"g = open({str(builder.build_dir / '.r2d2ds.flock')!r}, 'a'); fcntl.flock(g, fcntl.LOCK_EX)\n"
         f"lock = {str(builder.build_dir / 'lock')!r}; open(lock, 'w').close()\n"
         "print('building', flush=True); time.sleep(1.5); os.unlink(lock)\n")], stdout=subprocess.PIPE, text=True)
     assert live.stdout.readline().strip() == "building"
