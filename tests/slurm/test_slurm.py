@@ -37,6 +37,20 @@ def slurm(shared_dir) -> None:
     subprocess.run(["bash", str(up)], check=True, timeout=600, capture_output=True)
 
 
+_submitted: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A test that fails while its job runs must not leave the job holding the one-node cluster: the next
+    tests' jobs would wait behind it until they time out too."""
+    yield
+    for job in _submitted:
+        if job_info(job).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED"):
+            subprocess.run(["scancel", job], capture_output=True)
+    _submitted.clear()
+
+
 def submit(run_dir: Path, data: Path, log: Path, *overrides: str) -> str:
     env = _env()
     env["R2D2DS_PYTHON"] = sys.executable
@@ -45,7 +59,9 @@ def submit(run_dir: Path, data: Path, log: Path, *overrides: str) -> str:
     out = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/train_cpu.sbatch", "--config", str(TINY),
                           f"--data.train={data}", f"--train.run_dir={run_dir}", f"--train.steps={STEPS}",
                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip().split(";")[0]
+    job = out.stdout.strip().split(";")[0]
+    _submitted.append(job)
+    return job
 
 
 def job_info(job: str) -> dict[str, str]:
