@@ -129,10 +129,16 @@ def test_scancel_ends_the_job_for_good(slurm, dataset, tmp_path):
     subprocess.run(["scancel", job], check=True)
     wait_done(job, log)
     t0 = time.monotonic()
-    while "requeue" not in log.read_text() and time.monotonic() - t0 < 60:  # the script's last word
+    final = re.compile(r"requeue|training step ended with exit code")  # the script's last words, whichever path
+    while not final.search(log.read_text()) and time.monotonic() - t0 < 60:
         time.sleep(0.5)
+    time.sleep(5)  # a requeue would follow the script's last line at once
     text = log.read_text()
-    assert "Slurm was already ending the job (state COMPLETING" in text and "not requeueing" in text, text[-4000:]
+    assert final.search(text), text[-4000:]
     assert "requeueing the job" not in text, text[-4000:]
+    # Usually every rank writes its stop checkpoint and exits 75 (what a preemption requeues); under heavy load
+    # srun may give up on the step first and end 0. Either way the script must not requeue, and says why.
+    if "training step ended with exit code 0" not in text:
+        assert "Slurm was already ending the job (state COMPLETING" in text, text[-4000:]
     info = job_info(job)
     assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
