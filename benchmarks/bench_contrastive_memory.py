@@ -18,24 +18,17 @@ Results: JSON + a markdown table (date, CPU, versions).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hostinfo: see its docstring
+from hostinfo import host, status_kib  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(impl: str, b: int, d: int, steps: int) -> dict:
@@ -68,11 +61,11 @@ def child(impl: str, b: int, d: int, steps: int) -> dict:
     # set-up, allocator arenas) are not the loss's memory. Then the baseline; then reset the peak-RSS counter.
     warm_s = step()
     gc.collect()
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM (peak RSS) to the current RSS
         f.write("5")
     times = [step() for _ in range(steps)]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {"impl": impl, "B": b, "D": d, "extra_peak_mib": (peak_kib - base_kib) / 1024,
             "base_rss_mib": base_kib / 1024, "step_s": min(times), "warmup_s": warm_s, "steps": steps}
 
@@ -87,26 +80,6 @@ def run_case(impl: str, b: int, d: int, steps: int, threads: int, mmap_threshold
     if out.returncode != 0:
         return {"impl": impl, "B": b, "D": d, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def versions() -> dict:
-    import torch
-
-    try:
-        import triton
-
-        triton_v = triton.__version__
-    except ImportError:
-        triton_v = None
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "triton": triton_v}
 
 
 def markdown(meta: dict, rows: list[dict], threads: int) -> str:
@@ -186,7 +159,7 @@ def main() -> None:
         r["sweep"] = sweep
         print(json.dumps(r), flush=True)
         rows.append(r)
-    meta = versions()
+    meta = host("torch", "triton")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "contrastive_memory.json"), "w") as f:
         json.dump({"meta": meta, "threads": args.threads, "rows": rows}, f, indent=1)

@@ -20,28 +20,21 @@ modes at each size, the order alternating) so slow phases of the shared machine 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import socket
-import subprocess
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hostinfo: see its docstring
+from hostinfo import host, status_kib  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, PAD, CLS, SEP, MASK = 1000, 0, 1, 2, 3
 LENGTH = 16
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _model_config():
@@ -107,11 +100,11 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
 
     warm_s = step(0)  # one-time costs (optimizer state, thread stacks, allocator arenas) are not the step's
     gc.collect()
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM (peak RSS) to the current RSS
         f.write("5")
     times = [step(i + 1) for i in range(steps)]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {"peak_mib": peak_kib / 1024, "base_mib": base_kib / 1024, "extra_mib": (peak_kib - base_kib) / 1024,
             "step_s": min(times), "warmup_s": warm_s}
 
@@ -164,23 +157,6 @@ def run_cases(cases: list, chunk: int, steps: int, world: int) -> list[dict]:
                      "peak_mib": max(x["peak_mib"] for x in ranks), "extra_mib": max(x["extra_mib"] for x in ranks),
                      "step_s": max(x["step_s"] for x in ranks)})
     return rows
-
-
-def versions() -> dict:
-    import deepspeed
-    import torch
-
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    with open("/proc/meminfo") as f:
-        mem_gib = int(f.readline().split()[1]) / 2**20
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-            "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__}
 
 
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -288,7 +264,7 @@ def main() -> None:
         modes = ["plain", "gradcache", "gradcache-detached"]
         cases += [(m, b) for m in (modes if i % 2 == 0 else modes[::-1])]
     rows = run_cases(cases, args.chunk, args.steps, args.world)
-    meta = versions()
+    meta = host("torch", "deepspeed")
     s = summary(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradcache.json"), "w") as f:

@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository (tests/)
-from bench_contrastive_memory import RESULTS, _status_kib, versions  # noqa: E402
+from bench_contrastive_memory import RESULTS  # noqa: E402
+from hostinfo import host, status_kib  # noqa: E402
 
 MODELS = {"ViT-L/14": (257, 1024), "ViT-B/16": (197, 768)}
 TEXT = (64, 768)  # BERT-base, max length 64
@@ -111,11 +112,11 @@ def _rank(rank: int, world: int, port: int, out: str, method: str, b: int, model
     step()  # warm-up: one-time allocations (gloo buffers, autograd) are not the method's memory
     gc.collect()
     dist.barrier()
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter to the current RSS
         f.write("5")
     recv = step()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump({"rank": rank, "bytes_recv": recv, "extra_peak_mib": (peak - base) / 1024}, f)
     dist.destroy_process_group()
@@ -187,7 +188,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 measured.append(r)
     table = [formula(w, 64, model, 2) for model in MODELS for w in (8, 64, 512)]
-    meta = versions()
+    meta = host("torch")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "negative_exchange.json"), "w") as f:
         json.dump({"meta": meta, "measured": measured, "computed": table}, f, indent=1)

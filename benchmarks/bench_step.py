@@ -20,20 +20,20 @@ TrainConfig key exists. Writes OUT_DIR/bench_step.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from r2d2ds.trainer import Trainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hostinfo: see its docstring
+from hostinfo import host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 21128  # bert-base-chinese / chinese-roberta-wwm-ext
@@ -204,15 +204,9 @@ def run_case(preset: str, args) -> dict:
 
 
 def meta() -> dict:
-    m = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-         "host_cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-         "torch": torch.__version__, "flop_model": "r2d2ds.flops: 2 m n k per matmul, backward 2x forward, "
+    m = {**host("torch", "deepspeed", "transformers", "timm", "triton"),
+         "flop_model": "r2d2ds.flops: 2 m n k per matmul, backward 2x forward, "
          "contrastive 8 B_local B_global D per call; MFU against torch.mm measured in the same run"}
-    for name in ("deepspeed", "transformers", "timm", "triton"):
-        try:
-            m[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     if torch.cuda.is_available():
         m["gpu"] = torch.cuda.get_device_name(0)
     return m

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -31,6 +30,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hostinfo: see its docstring
+from hostinfo import cpu_name, versions  # noqa: E402
+
+STACK = ("torch", "deepspeed", "timm", "transformers", "webdataset", "open_clip_torch")  # this side's stack
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "benchmarks/configs/openclip_match.yaml"
@@ -137,27 +141,8 @@ def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
     return "\n".join(out)
 
 
-def versions() -> dict:
-    """Installed versions of this side's stack, read from package metadata (nothing imported)."""
-    from importlib import metadata
-
-    v = {"python": platform.python_version()}
-    for name in ("torch", "deepspeed", "timm", "transformers", "webdataset", "open_clip_torch"):
-        try:
-            v[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return v
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # Committed results name no folder of the machine that measured them: (absolute prefix, portable name) pairs.
@@ -241,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "m.version(n) for n in ('torch', 'open_clip_torch', 'timm', 'transformers', "
                                   "'webdataset')))"], capture_output=True, text=True).stdout.strip()
     load_before = load_average()
-    base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions(), "load_avg_before": load_before,
+    ours = {k: v for k, v in versions(*STACK).items() if v}
+    base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": ours, "load_avg_before": load_before,
                  "open_clip_side_versions": oc_versions,
                  "steps": args.steps, "skip": args.skip, "workers": args.workers, "ds_config": args.ds_config,
                  "config": CONFIG, "repeats": args.repeats}

@@ -31,10 +31,8 @@ Results: JSON + markdown (date, CPU, versions) in --out (default benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +40,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # hostinfo: see its docstring
+from hostinfo import host, status_kib  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "cpu"
 GIB = 1024**3
 MIB = 1024**2
@@ -87,11 +88,7 @@ COMMON = {"loss": {"tgd_alpha": 0.4}, "data": {"shuffle_buffer": 16},
 
 # ------------------------------------------------------------------------------------------------ worker side
 def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return status_kib(field) * 1024
 
 
 def _peak() -> int:
@@ -369,36 +366,17 @@ def summarize(run: dict) -> dict:
             "ds_zero": worst["ds_zero"]}
 
 
-def versions() -> dict:
-    import deepspeed
-    import torch
-
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB"
-    except (ValueError, OSError):
-        pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-            "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-
-
 def markdown(meta: dict, config: str, steps: int, rows: list[dict]) -> str:
     def g(x: float) -> str:
         return f"{x / GIB:.2f}"
 
     ok = [r for r in rows if "error" not in r]
     psi = ok[0]["psi"] if ok else 0
+    mem = f"{meta['memory_gib']} GiB" if "memory_gib" in meta else meta.get("memory", "")  # older results
     lines = [
         f"# ZeRO per-rank memory: `{config}` configuration ({psi / 1e6:.1f}M parameters, 2 CPU ranks)",
         "",
-        f"{meta['date']}; {meta['cpu']}, {meta['cores']} cores, {meta['memory']}; python {meta['python']}, "
+        f"{meta['date']}; {meta['cpu']}, {meta['cores']} cores, {mem}; python {meta['python']}, "
         f"torch {meta['torch']}, deepspeed {meta['deepspeed']}. fp32, AdamW, every loss on, EMA teacher, "
         f"{steps} optimizer steps, MALLOC_MMAP_THRESHOLD_=65536, OMP_NUM_THREADS=1 per rank. GiB per rank "
         "(the rank with the higher peak). Columns: see benchmarks/bench_zero_memory.py's docstring; formula = "
@@ -490,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.per_sample:
-        res = {"meta": versions(), **per_sample(args.config, (1, 2), args.bf16)}
+        res = {"meta": host("torch", "deepspeed"), **per_sample(args.config, (1, 2), args.bf16)}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = args.name or f"activations_{args.config}_{'bf16' if args.bf16 else 'fp32'}"
@@ -508,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             row = summarize(run)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ds_zero"}), flush=True)
-    _write(Path(args.out), args.name or f"zero_memory_{args.config}", versions(), args.config, args.steps, rows)
+    meta = host("torch", "deepspeed")
+    _write(Path(args.out), args.name or f"zero_memory_{args.config}", meta, args.config, args.steps, rows)
     return 1 if any("error" in r for r in rows) else 0
 
 

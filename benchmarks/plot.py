@@ -41,6 +41,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # figures are kept alive by pyplot until closed
+    return path
+
+
 def plot_memory(files: list[Path], out: Path) -> Path | None:
     rows = [r for f in files for r in _load(f).get("rows", []) if "extra_peak_mib" in r and "B" in r]
     if not rows:
@@ -61,11 +68,7 @@ def plot_memory(files: list[Path], out: Path) -> Path | None:
     ax.set_title(f"Contrastive loss memory vs batch (D = {', '.join(map(str, dims))}, CPU)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = out / "contrastive_memory.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "contrastive_memory.png")
 
 
 SIDE_LABELS = {"open_clip": "open_clip 3.3 own loop (DDP)", "r2d2ds": "r2d2ds (contrastive step)",
@@ -100,11 +103,7 @@ def plot_throughput(path_json: Path, out: Path) -> Path | None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    path = out / "step_throughput.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "step_throughput.png")
 
 
 def plot_bench_step(files: list[Path], out: Path) -> Path | None:
@@ -125,11 +124,7 @@ def plot_bench_step(files: list[Path], out: Path) -> Path | None:
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("Full R2D2 training step (bench_step.py)")
-    path = out / "bench_step.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "bench_step.png")
 
 
 def main(argv: list[str] | None = None) -> int:
