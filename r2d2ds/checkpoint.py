@@ -16,6 +16,12 @@ Loading checks the manifest against the files first (missing or truncated files 
 `train.resume_fallback` a bad newest checkpoint is passed over for the newest good one. Every rank must agree,
 so the choice is all-reduced.
 
+Elastic resume (another number of ranks): DeepSpeed's ZeRO shards are laid out for the world size that wrote
+them, so the checkpoint is converted once into DeepSpeed's universal format (`python -m r2d2ds.checkpoint
+to-universal RUN_DIR` writes <tag>_universal/ beside the tag) and the engine loads that with
+`checkpoint.load_universal`. Our client state rides along (DeepSpeed copies the model-states file); the per-rank
+files of every saved rank are read by every new rank, which remaps the data position from all of them.
+
 Trust: DeepSpeed writes its own files with torch.save (pickle) and reads them back with weights_only=False;
 loading a checkpoint can therefore run code stored in it. Resume only from run directories you trust. The files
 r2d2ds writes itself (rank state, manifest, `latest`) are safetensors, JSON and text.
@@ -30,6 +36,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,8 @@ from r2d2ds.fileio import atomic_write_text, fsync_dir, fsync_file
 log = logging.getLogger("r2d2ds")
 
 MANIFEST = "r2d2ds-checkpoint.json"
+UNIVERSAL_SUFFIX = "_universal"  # <tag>_universal/: the DeepSpeed universal conversion of <tag>
+UNIVERSAL_DONE = "r2d2ds-universal.json"  # written last into a complete conversion
 FORMAT = "r2d2ds-checkpoint-1"
 # Fault injection for tests: R2D2DS_FAULT_KILL_IN_SAVE=<step> SIGKILLs rank 0 in the middle of saving that step
 # (after DeepSpeed's shards are written, before the manifest and `latest`), like a node lost mid-save.
@@ -215,6 +224,7 @@ def _prune(root: Path, keep: int, current: str) -> None:
             # with files missing.
             (root / t / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(root / t, ignore_errors=True)
+            shutil.rmtree(root / (t + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
@@ -261,7 +271,8 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
 
 def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
     """None when `tag` is a complete checkpoint this rank can load; else the problem, naming the file.
-    Raises CheckpointError for a different world size (no earlier checkpoint can help there)."""
+    A checkpoint of a different world size needs its universal conversion: raises CheckpointError without one
+    (no earlier checkpoint can help there)."""
     tag_dir = checkpoint_dir(run_dir) / tag
     mf = tag_dir / MANIFEST
     if not tag_dir.is_dir():
@@ -281,9 +292,9 @@ def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
         if p.stat().st_size != size:
             return f"checkpoint file '{p}' is {p.stat().st_size} bytes, the manifest says {size} (truncated?)"
     if saved_world != world:
-        raise CheckpointError(
-            f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) but this run has {world} (see {mf}): "
-            f"resume on {saved_world} rank(s). Resuming on a different number of ranks is not supported yet.")
+        _check_universal(tag_dir, manifest, world)  # raises, naming what to do, when it cannot be used
+        missing = [r for r in range(saved_world) if f"rank{r}.safetensors" not in files]
+        return f"checkpoint '{tag_dir}' lacks the state of rank(s) {missing} ({mf})" if missing else None
     if f"rank{rank}.safetensors" not in files:
         return f"checkpoint file '{tag_dir / f'rank{rank}.safetensors'}' is not in the manifest {mf}"
     return None
@@ -346,21 +357,146 @@ def choose(run_dir: str | Path, fallback: bool, device) -> str | None:
                           + "; ".join(problems))
 
 
-def load(engine, run_dir: str | Path, fallback: bool = False,
-         device=None) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+def load(engine, run_dir: str | Path, fallback: bool = False, device=None):
     """Load the latest (or, with `fallback`, the newest good) checkpoint into `engine`.
-    Returns (tag, client_state, rank_state), or None when there is no checkpoint."""
+
+    Returns None when there is no checkpoint, else (tag, client_state, rank_state, all_rank_states):
+    `rank_state` is this rank's saved state, or None after an elastic load (the checkpoint was written by
+    another number of ranks: the engine must have been built with `checkpoint.load_universal`, see
+    `elastic_tag`); `all_rank_states()` reads the state of every saved rank."""
     tag = choose(run_dir, fallback, device if device is not None else engine.device)
     if tag is None:
         return None
     root = checkpoint_dir(run_dir)
+    saved_world = _manifest(root / tag)["world_size"]
+    elastic = saved_world != rd.get_world_size()
+    if elastic != bool(engine.load_universal_checkpoint()):
+        raise CheckpointError(f"checkpoint '{root / tag}' was written by {saved_world} rank(s) and this run has "
+                              f"{rd.get_world_size()}, but the engine was built "
+                              f"{'without' if elastic else 'with'} checkpoint.load_universal")
+    load_tag = tag + UNIVERSAL_SUFFIX if elastic else tag
     try:
-        path, client_state = engine.load_checkpoint(str(root), tag=tag)
+        path, client_state = engine.load_checkpoint(str(root), tag=load_tag)
     except Exception as e:  # unpickling a damaged file raises anything from EOFError to RuntimeError
-        raise CheckpointError(f"DeepSpeed could not load checkpoint '{root / tag}' "
+        raise CheckpointError(f"DeepSpeed could not load checkpoint '{root / load_tag}' "
                               f"({type(e).__name__}: {e})") from e
     if path is None or client_state is None:
-        raise CheckpointError(f"DeepSpeed found no loadable model states in '{root / tag}' "
-                              f"(files: {sorted(p.name for p in (root / tag).iterdir())})")
-    rank_state = read_rank_state(root / tag / f"rank{rd.get_rank()}.safetensors")
-    return tag, client_state, rank_state
+        raise CheckpointError(f"DeepSpeed found no loadable model states in '{root / load_tag}' "
+                              f"(files: {sorted(p.name for p in (root / load_tag).iterdir())})")
+    rank_state = None if elastic else read_rank_state(root / tag / f"rank{rd.get_rank()}.safetensors")
+
+    def all_rank_states() -> list[dict[str, Any]]:
+        return [read_rank_state(root / tag / f"rank{r}.safetensors") for r in range(saved_world)]
+
+    return tag, client_state, rank_state, all_rank_states
+
+
+# ------------------------------------------------------------------------------------------ elastic
+
+
+def _manifest(tag_dir: Path) -> dict[str, Any]:
+    mf = tag_dir / MANIFEST
+    try:
+        return json.loads(mf.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"manifest '{mf}' cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _check_universal(tag_dir: Path, manifest: dict[str, Any], world: int) -> None:
+    """Raise unless `tag_dir` (written by another world size) has a complete universal conversion we can load."""
+    saved_world = int(manifest["world_size"])
+    if int(manifest.get("zero_stage", 0)) == 3:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) under ZeRO-3 and this run has {world}: "
+            f"elastic resume supports ZeRO-1/2 checkpoints (the ZeRO-3 EMA teacher is partitioned per rank); "
+            f"resume on {saved_world} rank(s)")
+    done = tag_dir.parent / (tag_dir.name + UNIVERSAL_SUFFIX) / UNIVERSAL_DONE
+    if not done.is_file():
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) but this run has {world}: convert it "
+            f"once to DeepSpeed's universal format with `python -m r2d2ds.checkpoint to-universal "
+            f"{tag_dir.parent.parent}` (writes '{done.parent}'), then resume on any number of ranks; or resume "
+            f"on {saved_world} rank(s)")
+
+
+def elastic_tag(run_dir: str | Path, world: int) -> str | None:
+    """Before the engine is built: the universal tag to load when the latest checkpoint was written by another
+    number of ranks (the engine then needs `checkpoint.load_universal`), None otherwise. Raises a
+    CheckpointError naming the conversion command when the checkpoint has not been converted."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    tag_dir = checkpoint_dir(run_dir) / tag
+    if not (tag_dir / MANIFEST).is_file():
+        return None  # incomplete: `choose` reports it (or falls back) with the whole story
+    manifest = _manifest(tag_dir)
+    if int(manifest["world_size"]) == world:
+        return None
+    _check_universal(tag_dir, manifest, world)
+    return tag + UNIVERSAL_SUFFIX
+
+
+def convert_to_universal(run_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
+    """Convert committed checkpoint `tag` (default: `latest`) into DeepSpeed's universal format, beside it as
+    <tag>_universal/, written under a temporary name and renamed when complete. One process, no ranks.
+
+    `--inject_missing_state`: DeepSpeed's converter wants the universal-checkpoint info that Megatron-style
+    clients add to their client state; our ZeRO-1/2 parameters are plain (no tensor or pipeline parallel
+    slicing), which is what the injected default describes."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    root = checkpoint_dir(run_dir)
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise CheckpointError(f"'{root}' has no committed checkpoint to convert")
+    manifest = _manifest(root / tag)
+    problem = verify(run_dir, tag, int(manifest["world_size"]), 0)
+    if problem:
+        raise CheckpointError(f"cannot convert: {problem}")
+    if int(manifest.get("zero_stage", 0)) == 3:
+        raise CheckpointError(f"cannot convert '{root / tag}': elastic resume supports ZeRO-1/2 checkpoints")
+    out = root / (tag + UNIVERSAL_SUFFIX)
+    tmp = root / (tag + UNIVERSAL_SUFFIX + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(input_folder=str(root / tag), output_folder=str(tmp),
+                                       num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
+                                       keep_temp_folder=False, strict=True, inject_missing_state=True))
+    atomic_write_text(tmp / UNIVERSAL_DONE, json.dumps({"format": FORMAT, "tag": tag, "step": manifest["step"],
+                                                        "world_size": manifest["world_size"]}) + "\n")
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            fsync_file(p)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    # DeepSpeed's converter points its own `latest_universal` at the folder it wrote (our temporary name).
+    atomic_write_text(root / "latest_universal", out.name + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m r2d2ds.checkpoint",
+                                     description="Checkpoint tools. to-universal: convert a run's checkpoint to "
+                                                 "DeepSpeed's universal format, to resume on another number of "
+                                                 "ranks (elastic resume).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    conv = sub.add_parser("to-universal", help="convert RUN_DIR's latest (or --tag) checkpoint")
+    conv.add_argument("run_dir")
+    conv.add_argument("--tag", default=None, help="a step tag such as step00001000 (default: latest)")
+    conv.add_argument("--workers", type=int, default=2, help="processes extracting ZeRO shards")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_to_universal(args.run_dir, args.tag, args.workers)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: resume with --resume on any number of ranks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

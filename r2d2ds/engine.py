@@ -176,6 +176,15 @@ def build_engine(module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if optimizer is None and offload != "none":
+        # DeepSpeedCPUAdam is a JIT-built op: load it (the builder it uses) under the guard against a killed
+        # builder's lock file.
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        from r2d2ds.distributed.launch import load_jit_op
+
+        load_jit_op(CPUAdamBuilder())
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=copy.deepcopy(ds_config))
     return engine

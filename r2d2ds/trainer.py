@@ -83,6 +83,8 @@ class Trainer:
         self.gradcache = GradCache(self.plan, cfg.train.gradcache_negatives) if self.plan.gradcache else None
         self.ds_config = fill_ds_config(self.plan.engine_config(cfg), self.world, run_dir=str(self.run_dir),
                                         hidden_size=model_hidden_size(module))
+        if cfg.train.resume and checkpoint.elastic_tag(self.run_dir, self.world):  # saved by another world size
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         self.engine = build_engine(module, cfg, self.ds_config)
         self.device = self.engine.device
         if self.teacher is not None:
@@ -111,6 +113,7 @@ class Trainer:
             self._resume()
         if rd.is_main_process():
             rundir.truncate_metrics(self.run_dir, self.step)  # steps past the start are logged again
+            rundir.truncate_tensorboard(self.run_dir, self.step, self.engine.global_samples)
 
     # ----------------------------------------------------------------------------------------- state
     def _client_state(self) -> dict[str, Any]:
@@ -138,13 +141,23 @@ class Trainer:
                 log.warning("train.resume is set but %s has no checkpoint: starting from step 0",
                             checkpoint.checkpoint_dir(self.run_dir))
             return
-        tag, client, rank_state = loaded
+        tag, client, rank_state, all_rank_states = loaded
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
         if self.teacher is not None and "teacher" in client:
-            self.teacher.load_state_dict(client["teacher"], rank_state.get("teacher"))
-        self.stream.load_state_dict(rank_state["data"])
-        checkpoint.set_rng_state(rank_state["rng"])
-        self.logger.skipped_total = int(rank_state.get("skipped_total", 0))
+            self.teacher.load_state_dict(client["teacher"], rank_state and rank_state.get("teacher"))
+        if rank_state is not None:  # same world size: exactly where this rank stopped
+            self.stream.load_state_dict(rank_state["data"], all_states=lambda: [s["data"] for s in all_rank_states()])
+            checkpoint.set_rng_state(rank_state["rng"])
+            self.logger.skipped_total = int(rank_state.get("skipped_total", 0))
+        else:  # elastic: the data position is remapped from every saved rank's (r2d2ds/data/shards.py)
+            states = all_rank_states()
+            self.stream.load_state_dict(states[0]["data"], all_states=[s["data"] for s in states])
+            # Per-rank generator streams (dropout) do not map onto another number of ranks; reseed from the
+            # position, as a fresh start does, so the resumed run is reproducible. Batches, MLM masks and
+            # negatives are seeded by position already.
+            seed_everything(step_seed(self.cfg.train.seed, self.step, 0, self.rank))
+            self.logger.skipped_total = sum(int(s.get("skipped_total", 0)) for r, s in enumerate(states)
+                                            if r % self.world == self.rank)
         self._saved_step = self.step
         if rd.is_main_process():
             log.info("resumed from %s: step %d (%d samples seen)", tag, self.step, self.samples_seen)

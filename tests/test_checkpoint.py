@@ -149,6 +149,54 @@ def test_truncate_metrics_drops_steps_after_the_resume_point_and_a_torn_line(tmp
     assert steps == [1, 2]
 
 
+def test_truncate_tensorboard_drops_events_past_the_resume_point_on_both_axes(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tests.training.launchers import tensorboard_scalars
+
+    tb = tmp_path / "tensorboard"
+    first = SummaryWriter(log_dir=str(tb), filename_suffix=".a")  # the interrupted run: steps 1-4
+    for step in (1, 2, 3, 4):
+        first.add_scalar("loss/gcpr", float(step), step)
+        first.add_scalar("Train/Samples/lr", 0.1 * step, 16 * step)  # DeepSpeed's axis: samples
+    first.close()
+    old = next(tb.glob("events.out.tfevents.*.a"))
+    with open(old, "ab") as f:
+        f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00torn")  # a record cut short by a kill
+    resumed = SummaryWriter(log_dir=str(tb), filename_suffix=".b")  # opened by the resumed engine, still empty
+    resumed.flush()
+    new = next(tb.glob("events.out.tfevents.*.b"))
+    before = new.read_bytes()
+    assert rundir.truncate_tensorboard(tmp_path, step=2, samples=32) == 4
+    assert new.read_bytes() == before  # the live writer's file is not touched
+    for step in (3, 4):  # the resumed run logs its steps again
+        resumed.add_scalar("loss/gcpr", 10.0 * step, step)
+        resumed.add_scalar("Train/Samples/lr", step, 16 * step)
+    resumed.close()
+    got = tensorboard_scalars(tmp_path)
+    assert got["loss/gcpr"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [s for s, _ in got["Train/Samples/lr"]] == [16, 32, 48, 64]
+    assert rundir.truncate_tensorboard(tmp_path, step=4, samples=64) == 0  # nothing past: nothing rewritten
+    assert not list(tb.glob("*.tmp"))
+
+
+def test_each_rank_fsyncs_only_its_own_finished_files(tmp_path, monkeypatch):
+    # Rank 1 may still be renaming rank1.safetensors.tmp while rank 0 walks the directory: a rank that opened
+    # another rank's temp file failed the save (FileNotFoundError) and srun then killed the other rank (143).
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank0.safetensors", "rank1.safetensors.tmp",
+                 "rank1.safetensors", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    synced: dict[int, list[str]] = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(checkpoint, "fsync_file", lambda p, r=rank: synced.setdefault(r, []).append(p.name))
+        checkpoint._fsync_own_files(tmp_path, rank)
+    assert sorted(synced[0]) == ["mp_rank_00_model_states.pt", "rank0.safetensors",
+                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert sorted(synced[1]) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank1.safetensors",
+                                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
 def test_config_keys_for_checkpoints_and_timeouts():
     from r2d2ds.config import load_config
 

@@ -151,19 +151,24 @@ def epoch_shards(shards: list[str], slot: int, n_slots: int, seed: int, epoch: i
 class _SlotDataset(IterableDataset):
     """Batches of one (rank, worker) slot, forever (or `max_epochs`). Runs in a DataLoader worker or inline.
 
-    `positions[local]` = (epoch, consumed, batches): the resume point of local worker slot `local`, where
-    `consumed` counts raw samples taken from the shuffled stream of that epoch. Resuming rebuilds the epoch's
-    deterministic stream and drops the first `consumed` raw samples before any image decoding.
+    A slot reads *segments*: [epoch, n_base, base, consumed] is the deterministic stream of base slot `base` of
+    an epoch laid out over `n_base` slots (its shards from `epoch_shards`, its seeded shuffle buffer), of which
+    the first `consumed` raw samples are already trained on. `slots[local]` = {"segments", "next_epoch",
+    "batches"} is the resume point of local worker slot `local`: it reads its segments in order, then epoch
+    `next_epoch`, `next_epoch + 1`, ... as slot `rank * workers + local` of the current layout. Normally its one
+    segment is its own current epoch; after a change of world size or workers (`remap_positions`) it first
+    finishes the unread remainders of the old layout's streams it was given. Resuming rebuilds each stream and
+    drops its first `consumed` raw samples before any image decoding.
     `rotation`: DataLoader worker w plays local slot (w + rotation) % workers, so after a resume the in-order
     DataLoader continues the round-robin with the slot whose batch was due next.
     """
 
     def __init__(self, shards: list[str], cfg: DataConfig, tokenizer: Any, rank: int, world: int, seed: int,
-                 positions: list[tuple[int, int, int]], rotation: int, max_epochs: int | None) -> None:
+                 slots: list[dict[str, Any]], rotation: int, max_epochs: int | None) -> None:
         super().__init__()
         self.shards, self.cfg, self.tokenizer = shards, cfg, tokenizer
         self.rank, self.world, self.seed = rank, world, seed
-        self.positions, self.rotation, self.max_epochs = positions, rotation, max_epochs
+        self.slots, self.rotation, self.max_epochs = slots, rotation, max_epochs
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
@@ -172,25 +177,33 @@ class _SlotDataset(IterableDataset):
         local = ((info.id if info is not None else 0) + self.rotation) % workers
         slot, n_slots = self.rank * workers + local, self.world * workers
         where = f"rank {self.rank} worker {local}"
-        epoch, consumed, batches = self.positions[local]
+        state = self.slots[local]
+        segments = [list(seg) for seg in state["segments"]]
+        next_epoch, batches = int(state["next_epoch"]), int(state["batches"])
         transform = pixel_transform(cfg.image_size, train=True, augment=cfg.augment)
         # Decode JPEGs no smaller than 1.25 x the model size: RandomResizedCrop's smallest crop (scale 0.8,
         # ratio 4/3 -> 0.77 of a side) still covers >= image_size source pixels, so it never upsamples.
         min_size = math.ceil(1.25 * cfg.image_size)
         counter = SkipCounter()
-        # Samples short of a full batch at an epoch's end carry over into the next epoch's first batch, so every
-        # good sample is trained on once per epoch. A resume position is always taken right after a batch, when
-        # nothing is pending, so carrying over never breaks exact resume.
+        # Samples short of a full batch at a segment's end carry over into the next segment's first batch, so
+        # every good sample is trained on once per epoch. A resume position is always taken right after a batch,
+        # when nothing is pending, so carrying over never breaks exact resume.
         pending: list[Sample] = []
         empty_epochs = 0
-        while self.max_epochs is None or epoch < self.max_epochs:
-            urls, split = epoch_shards(self.shards, slot, n_slots, self.seed, epoch, cfg.resampled)
+        while True:
+            if not segments:
+                if self.max_epochs is not None and next_epoch >= self.max_epochs:
+                    break
+                segments.append([next_epoch, n_slots, slot, 0])
+                next_epoch += 1
+            epoch, n_base, base, consumed = (int(v) for v in segments[0])
+            urls, split = epoch_shards(self.shards, base, n_base, self.seed, epoch, cfg.resampled)
             stages: list[Any] = [wds.SimpleShardList(urls),
                                  partial(_shard_samples, max_member_bytes=cfg.max_member_bytes)]
             if split is not None:
                 stages.append(partial(_take_every, slot=split[0], n=split[1]))
             if cfg.shuffle_buffer > 1:
-                rng = random.Random(f"r2d2ds-buffer:{self.seed}:{epoch}:{slot}")
+                rng = random.Random(f"r2d2ds-buffer:{self.seed}:{epoch}:{base}")
                 stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng))
             good = 0
             decode = dict(cfg=cfg, tokenizer=self.tokenizer, max_text_len=cfg.max_text_len,
@@ -199,7 +212,7 @@ class _SlotDataset(IterableDataset):
                           min_size=min_size)
             for idx, raw in enumerate(wds.DataPipeline(*stages)):
                 if idx < consumed:
-                    continue  # fast-forward of a resumed epoch: no decode, no re-count
+                    continue  # fast-forward of a resumed stream: no decode, no re-count
                 sample = decode_or_skip(raw, counter, **decode)
                 if counter.seen >= MIN_CHECKED and counter.seen % CHECK_EVERY == 0:
                     counter.check(cfg.max_skipped_fraction, where)
@@ -209,7 +222,9 @@ class _SlotDataset(IterableDataset):
                 pending.append(sample)
                 if len(pending) == cfg.micro_batch:
                     batches += 1
-                    yield self._collate(pending, counter, (local, epoch, idx + 1, batches))
+                    pos = {"local": local, "segments": [[epoch, n_base, base, idx + 1], *segments[1:]],
+                           "next_epoch": next_epoch, "batches": batches}
+                    yield self._collate(pending, counter, pos)
                     pending = []
             if good == 0 and consumed == 0:
                 empty_epochs += 1
@@ -220,7 +235,9 @@ class _SlotDataset(IterableDataset):
                         "Use fewer data.num_workers / ranks, or more data.")
             else:
                 empty_epochs = 0
-            epoch, consumed, batches = epoch + 1, 0, 0
+            segments.pop(0)
+            if not segments or int(segments[0][0]) != epoch:
+                batches = 0  # `batches` counts this slot's batches of its current epoch
         if pending:
             logger.warning("data: %s dropped its last %d sample(s) after %d epoch(s): fewer than "
                            "data.micro_batch=%d", where, len(pending), self.max_epochs, cfg.micro_batch)
@@ -239,8 +256,7 @@ class _SlotDataset(IterableDataset):
         finally:
             random.setstate(state)
 
-    def _collate(self, pending: list[Sample], counter: SkipCounter,
-                 pos: tuple[int, int, int, int]) -> dict[str, Any]:
+    def _collate(self, pending: list[Sample], counter: SkipCounter, pos: dict[str, Any]) -> dict[str, Any]:
         n, reasons = counter.take()
         return {
             "image": normalize_batch(torch.stack([p.pixels for p in pending])),  # (B, 3, H, W) float32
@@ -254,6 +270,73 @@ class _SlotDataset(IterableDataset):
         }
 
 
+# Keys of the saved fingerprint that define the streams themselves: with any of them changed no saved position
+# means anything. The layout keys (world, rank, num_workers) only say who reads which stream: a change there is
+# remapped exactly (`remap_positions`). micro_batch changes neither.
+_STREAM_KEYS = ("seed", "shuffle_buffer", "resampled", "num_shards")
+_LAYOUT_KEYS = ("world", "rank", "num_workers")
+
+
+def _fresh_slot(next_epoch: int = 0) -> dict[str, Any]:
+    return {"segments": [], "next_epoch": next_epoch, "batches": 0}
+
+
+def _saved_slots(sd: dict[str, Any]) -> list[dict[str, Any]]:
+    """The slot states of a saved data state; the older [epoch, consumed, batches] entries are converted."""
+    workers = max(1, int(sd.get("num_workers", 0)))
+    out = []
+    for local, entry in enumerate(sd["slots"]):
+        if isinstance(entry, dict):
+            out.append({"segments": [[int(v) for v in seg] for seg in entry["segments"]],
+                        "next_epoch": int(entry["next_epoch"]), "batches": int(entry["batches"])})
+        else:
+            epoch, consumed, batches = (int(v) for v in entry)
+            base, n_base = int(sd["rank"]) * workers + local, int(sd["world"]) * workers
+            out.append({"segments": [[epoch, n_base, base, consumed]], "next_epoch": epoch + 1, "batches": batches})
+    return out
+
+
+def remap_positions(states: list[dict[str, Any]], rank: int, world: int, workers: int) -> list[dict[str, Any]]:
+    """The slot states of `rank` (of `world` ranks x `workers` workers) that continue a run saved by another
+    layout, given the data state of *every* rank of that run (`TrainStream.state_dict()`).
+
+    Exact coverage: every epoch that any old slot had started is finished by reading what is left of it, and
+    nothing else of it. What is left is (a) the unread tail of every segment an old slot still held (its current
+    stream from `consumed` on, and remainders it had been given) and (b) the whole stream of every old slot that
+    had not yet started that epoch. These segments, oldest epoch first, are dealt round-robin over the new slots
+    in rank-interleaved order (worker 0 of every rank first), so the ranks share them evenly; after its
+    segments every new slot goes on with the epoch after the newest one started, in the new layout. Nothing is
+    read twice and nothing skipped within an epoch; a new slot given no segment starts the next epoch early.
+    """
+    if not states:
+        raise ValueError("data: remapping positions needs the saved data state of every rank")
+    old_world = int(states[0]["world"])
+    if sorted(int(sd["rank"]) for sd in states) != list(range(old_world)):
+        raise ValueError(f"data: remapping positions needs the data state of each of the {old_world} saved ranks "
+                         f"once; got ranks {sorted(int(sd['rank']) for sd in states)}")
+    for sd in states:
+        diff = {k: (sd.get(k), states[0].get(k)) for k in (*_STREAM_KEYS, "world", "num_workers")
+                if sd.get(k) != states[0].get(k)}
+        if diff:
+            raise ValueError(f"data: the saved ranks' data states disagree: {diff}")
+    slots = {(int(sd["rank"]), local): st for sd in states for local, st in enumerate(_saved_slots(sd))}
+    newest = max(st["next_epoch"] for st in slots.values()) - 1  # every epoch below a slot's next_epoch is started
+    old_workers = max(1, int(states[0].get("num_workers", 0)))
+    left: list[list[int]] = []
+    for (old_rank, local), st in slots.items():
+        left.extend(st["segments"])
+        base = old_rank * old_workers + local
+        left.extend([epoch, old_world * old_workers, base, 0] for epoch in range(st["next_epoch"], newest + 1))
+    left.sort(key=lambda seg: (seg[0], seg[1], seg[2]))
+    order = [(r, w) for w in range(workers) for r in range(world)]
+    mine = [_fresh_slot(newest + 1) for _ in range(workers)]
+    for i, seg in enumerate(left):
+        r, w = order[i % len(order)]
+        if r == rank:
+            mine[w]["segments"].append(seg)
+    return mine
+
+
 class TrainStream:
     """Endless training batches for one rank: {"image", "input_ids", "attention_mask", "image_id", "key",
     "skipped"} with exactly `cfg.micro_batch` samples each.
@@ -261,8 +344,10 @@ class TrainStream:
     Shards are split by rank, then by DataLoader worker (see `epoch_shards`); each worker loops over its own
     epochs. Order is fully determined by (shards, cfg, world, seed): seeded shard order per epoch plus a
     seeded shuffle buffer of `cfg.shuffle_buffer` raw samples. `state_dict()` / `load_state_dict()` resume
-    exactly: call `iter()` again after loading. `max_epochs` (tests, evaluation) ends each worker after that
-    many epochs.
+    exactly: call `iter()` again after loading. A state saved with another number of ranks or workers is
+    remapped (`remap_positions`, needs every saved rank's state) so that the interrupted epoch is finished
+    without a sample twice or one left out. `max_epochs` (tests, evaluation) ends each worker after that many
+    epochs.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, rank: int = 0, world: int = 1, seed: int = 0,
@@ -277,7 +362,7 @@ class TrainStream:
             logger.warning("data: %d shard(s) for %d ranks x %d workers: every worker reads all shards and "
                            "keeps every %d-th sample (write more, smaller shards to avoid the extra reading)",
                            len(self.shards), world, self.workers, world * self.workers)
-        self._pos: list[tuple[int, int, int]] = [(0, 0, 0)] * self.workers
+        self._slots: list[dict[str, Any]] = [_fresh_slot() for _ in range(self.workers)]
         self._next = 0
         self.skipped = 0  # data/skipped: every sample this rank dropped, by reason in skip_reasons
         self.skip_reasons: Counter[str] = Counter()
@@ -291,7 +376,7 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = _SlotDataset(self.shards, self.cfg, self.tokenizer, self.rank, self.world, self.seed,
-                          list(self._pos), self._next, self.max_epochs)
+                          [dict(s) for s in self._slots], self._next, self.max_epochs)
         if self.cfg.num_workers > 0:
             # Fast tokenizers warn (and can deadlock) when their thread pool crosses a fork into workers.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -309,29 +394,49 @@ class TrainStream:
             if item.get("_tail"):
                 self.tail_dropped += int(item["tail_dropped"])
                 continue
-            local, epoch, consumed, batches = (int(v) for v in item["_pos"])
-            self._pos[local] = (epoch, consumed, batches)
+            pos = item["_pos"]
+            local = int(pos["local"])
+            self._slots[local] = {"segments": [[int(v) for v in seg] for seg in pos["segments"]],
+                                  "next_epoch": int(pos["next_epoch"]), "batches": int(pos["batches"])}
             self._next = (local + 1) % self.workers
             yield {k: item[k] for k in PUBLIC_KEYS}
 
     def state_dict(self) -> dict[str, Any]:
-        epoch = min(p[0] for p in self._pos)
-        return {"epoch": epoch, "batches": sum(p[2] for p in self._pos if p[0] == epoch),
-                "slots": [list(p) for p in self._pos], "next_slot": self._next,
-                "skipped": self.skipped, "skip_reasons": dict(self.skip_reasons), **self._fingerprint()}
+        current = [s["segments"][0][0] if s["segments"] else s["next_epoch"] for s in self._slots]
+        epoch = min(current)
+        return {"epoch": epoch, "batches": sum(s["batches"] for s, e in zip(self._slots, current) if e == epoch),
+                "slots": [{"segments": [list(seg) for seg in s["segments"]], "next_epoch": s["next_epoch"],
+                           "batches": s["batches"]} for s in self._slots],
+                "next_slot": self._next, "skipped": self.skipped, "skip_reasons": dict(self.skip_reasons),
+                **self._fingerprint()}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any], all_states: Any = None) -> None:
+        """Resume from this rank's saved state `sd`. When the saved layout (world size, rank, workers) differs,
+        `all_states` (every saved rank's state, or a function returning them) is needed to remap exactly."""
         fp = self._fingerprint()
-        diff = {k: (sd.get(k), v) for k, v in fp.items() if sd.get(k) != v}
-        if diff:
-            # Another layout cannot replay the same sample order; restart the oldest epoch instead of failing.
-            warnings.warn(f"data: resume state was saved with a different layout {diff} (saved, now); "
+        stream_diff = {k: (sd.get(k), fp[k]) for k in _STREAM_KEYS if sd.get(k) != fp[k]}
+        if stream_diff:
+            # Other streams cannot continue the saved ones; restart the oldest epoch instead of failing.
+            warnings.warn(f"data: resume state was saved with a different layout {stream_diff} (saved, now); "
                           f"restarting at the beginning of epoch {sd.get('epoch', 0)}", stacklevel=2)
-            self._pos = [(int(sd.get("epoch", 0)), 0, 0)] * self.workers
+            self._slots = [_fresh_slot(int(sd.get("epoch", 0))) for _ in range(self.workers)]
             self._next = 0
-        else:
-            self._pos = [(int(e), int(c), int(b)) for e, c, b in sd["slots"]]
+        elif all(sd.get(k) == fp[k] for k in _LAYOUT_KEYS):
+            self._slots = _saved_slots(sd)
             self._next = int(sd["next_slot"])
+        else:
+            states = all_states() if callable(all_states) else all_states
+            if not states:
+                layout = {k: (sd.get(k), fp[k]) for k in _LAYOUT_KEYS if sd.get(k) != fp[k]}
+                raise ValueError(f"data: the resume state was saved by another layout {layout} (saved, now); "
+                                 "remapping the data position needs the saved state of every rank")
+            self._slots = remap_positions(list(states), self.rank, self.world, self.workers)
+            self._next = 0
+            # The skip counters are per rank: old rank r's go to new rank r % world, so their sum is kept.
+            kept = [st for st in states if int(st["rank"]) % self.world == self.rank]
+            self.skipped = sum(int(st.get("skipped", 0)) for st in kept)
+            self.skip_reasons = sum((Counter(st.get("skip_reasons", {})) for st in kept), Counter())
+            return
         self.skipped = int(sd.get("skipped", 0))
         self.skip_reasons = Counter(sd.get("skip_reasons", {}))
 

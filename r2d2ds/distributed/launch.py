@@ -15,16 +15,26 @@ them depends on how the processes were started:
 
 DeepSpeed's own MPI discovery is switched off: it imports mpi4py even for one process, which is exactly how a
 plain `python train.py` used to die (ModuleNotFoundError: mpi4py).
+
+DeepSpeed's CPU backend JIT-builds its shared-memory all-reduce op at init (torch.utils.cpp_extension). torch
+serialises concurrent builds with a bare `lock` file in the build directory that only the builder removes: a
+process killed while it held it (a SIGKILLed rank, a cancelled job, a test timeout) leaves it behind, and every
+later run waits on it forever before its first log line. `load_jit_op` takes a kernel lock (flock, released
+when its holder dies) around the load, so a `lock` file found while holding it is known stale and is removed.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+
+log = logging.getLogger("r2d2ds")
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,7 @@ def init_distributed(timeout_s: float) -> Launch:
         # NCCL only enforces the timeout when asynchronous error handling is on (torch's default in recent
         # versions; set explicitly for older ones).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    _load_shm_comm_op()  # before DeepSpeed builds it unguarded (its builder caches the loaded module)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
     _unlink_shm_workspace(info)
@@ -156,3 +167,38 @@ def _unlink_shm_workspace(info: Launch) -> None:
         dist.barrier()  # on every rank whether or not its segment exists: a barrier must never be one-sided
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
     (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def load_jit_op(builder):
+    """`builder.load()` for a DeepSpeed op builder, safe against a build lock left by a killed process.
+
+    Every r2d2ds process holds an exclusive flock on the op's `<build dir>/.r2d2ds.flock` while it loads that
+    op (one per op: a long build of one never holds up the others), and torch's `lock` file only exists while
+    some process builds. So a `lock` seen while we hold the flock was left by a builder that died (the kernel
+    dropped its flock; nothing else would ever remove the file).
+    A process outside r2d2ds building the same op at that moment would lose its lock; sharing a
+    TORCH_EXTENSIONS_DIR with such tools while training starts is not supported."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get(builder.name, False):  # pre-built at install: no JIT, no lock
+        return builder.load()
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    with open(build_dir / ".r2d2ds.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if we die, unlike torch's lock file
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing the stale JIT build lock '%s' (left by a process killed while building %s)",
+                        stale, builder.name)
+            stale.unlink(missing_ok=True)
+        return builder.load()
+
+
+def _load_shm_comm_op() -> None:
+    """Load the op DeepSpeed's CPU backend builds at init (`deepspeed.comm.torch.build_shm_op`), guarded."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        load_jit_op(builder)

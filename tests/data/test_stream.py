@@ -227,13 +227,29 @@ def test_resume_skips_without_decoding(synth_dir, synth_tokenizer, monkeypatch):
     assert len(calls) == 8  # only the next batch is decoded, not the 160 samples before it
 
 
-def test_resume_with_other_layout_warns(synth_dir, synth_tokenizer):
+def test_resume_with_other_streams_warns_and_other_micro_batch_continues(synth_dir, synth_tokenizer):
     cfg = _cfg(str(synth_dir), micro_batch=8)
+    reference = [k for b in islice(TrainStream(cfg, synth_tokenizer), 4) for k in b["key"]]
     first = TrainStream(cfg, synth_tokenizer)
     list(islice(first, 3))
-    other = TrainStream(_cfg(str(synth_dir), micro_batch=4), synth_tokenizer)
+    other = TrainStream(_cfg(str(synth_dir), micro_batch=8, shuffle_buffer=7), synth_tokenizer)
     with pytest.warns(UserWarning, match="different layout"):
         other.load_state_dict(first.state_dict())
+    # The micro batch does not define the streams: the position holds, batches are cut differently.
+    smaller = TrainStream(_cfg(str(synth_dir), micro_batch=4), synth_tokenizer)
+    smaller.load_state_dict(first.state_dict())
+    assert [k for b in islice(smaller, 2) for k in b["key"]] == reference[24:32]
+
+
+def test_other_world_size_needs_every_ranks_state(synth_dir, synth_tokenizer):
+    cfg = _cfg(str(synth_dir), micro_batch=8)
+    first = TrainStream(cfg, synth_tokenizer, rank=0, world=2)
+    list(islice(first, 2))
+    alone = TrainStream(cfg, synth_tokenizer)
+    with pytest.raises(ValueError, match="every rank"):
+        alone.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="each of the 2 saved ranks"):
+        alone.load_state_dict(first.state_dict(), all_states=[first.state_dict()])
 
 
 # ------------------------------------------------------------------------------------------ specs

@@ -93,3 +93,53 @@ def test_collective_timeout_reaches_the_process_group(tmp_path):
     result, elapsed = open(out).read().rsplit(" ", 1)
     assert result.startswith("raised"), result
     assert 3.0 <= float(elapsed) < 30.0, elapsed
+
+
+class _FakeBuilder:
+    """Stands in for a DeepSpeed op builder: load() records whether torch's build lock was there (torch would
+    wait on it forever) and returns a module-like marker."""
+
+    name = "r2d2ds_test_op"
+
+    def __init__(self, build_dir):
+        self.build_dir, self.saw_lock = build_dir, None
+
+    def load(self):
+        self.saw_lock = (self.build_dir / "lock").exists()
+        return "module"
+
+
+def test_jit_op_load_removes_a_build_lock_left_by_a_killed_process(tmp_path, monkeypatch, caplog):
+    from r2d2ds.distributed.launch import load_jit_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    builder = _FakeBuilder(tmp_path / _FakeBuilder.name)
+    builder.build_dir.mkdir()
+    (builder.build_dir / "lock").touch()  # what torch's FileBaton leaves when its holder is SIGKILLed
+    assert load_jit_op(builder) == "module"
+    assert builder.saw_lock is False and not (builder.build_dir / "lock").exists()
+    assert "stale JIT build lock" in caplog.text
+
+
+def test_jit_op_load_waits_for_a_live_builder_instead_of_breaking_its_lock(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from r2d2ds.distributed.launch import load_jit_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    builder = _FakeBuilder(tmp_path / _FakeBuilder.name)
+    builder.build_dir.mkdir()
+    # A live r2d2ds builder: holds the flock, has torch's lock, finishes its build after a moment.
+    live = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"g = open({str(builder.build_dir / '.r2d2ds.flock')!r}, 'a'); fcntl.flock(g, fcntl.LOCK_EX)\n"
+        f"lock = {str(builder.build_dir / 'lock')!r}; open(lock, 'w').close()\n"
+        "print('building', flush=True); time.sleep(1.5); os.unlink(lock)\n")], stdout=subprocess.PIPE, text=True)
+    assert live.stdout.readline().strip() == "building"
+    t0 = time.monotonic()
+    assert load_jit_op(builder) == "module"
+    assert time.monotonic() - t0 > 0.5  # it waited for the builder's flock
+    assert builder.saw_lock is False  # and found the lock removed by its owner, not broken by us
+    assert live.wait(timeout=30) == 0

@@ -37,6 +37,20 @@ def slurm(shared_dir) -> None:
     subprocess.run(["bash", str(up)], check=True, timeout=600, capture_output=True)
 
 
+_submitted: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A test that fails while its job runs must not leave the job holding the one-node cluster: the next
+    tests' jobs would wait behind it until they time out too."""
+    yield
+    for job in _submitted:
+        if job_info(job).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED"):
+            subprocess.run(["scancel", job], capture_output=True)
+    _submitted.clear()
+
+
 def submit(run_dir: Path, data: Path, log: Path, *overrides: str) -> str:
     env = _env()
     env["R2D2DS_PYTHON"] = sys.executable
@@ -45,7 +59,9 @@ def submit(run_dir: Path, data: Path, log: Path, *overrides: str) -> str:
     out = subprocess.run(["sbatch", "--parsable", f"--output={log}", "slurm/train_cpu.sbatch", "--config", str(TINY),
                           f"--data.train={data}", f"--train.run_dir={run_dir}", f"--train.steps={STEPS}",
                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip().split(";")[0]
+    job = out.stdout.strip().split(";")[0]
+    _submitted.append(job)
+    return job
 
 
 def job_info(job: str) -> dict[str, str]:
@@ -102,3 +118,27 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(uninterrupted, d
     assert f"resumed from step{stopped:08d}" in text
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # no step lost, none logged twice
     assert_same_losses(losses(run_dir), losses(uninterrupted), range(1, STEPS + 1))
+
+
+def test_scancel_ends_the_job_for_good(slurm, dataset, tmp_path):
+    # `scancel JOBID` reaches the batch shell as SIGTERM, like a preemption; Slurm accepts `scontrol requeue` of
+    # the cancelled job, so a script that requeued on every stop signal brought cancelled jobs back.
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(run_dir, dataset, log)
+    wait_for_step(run_dir, 1, timeout=300)
+    subprocess.run(["scancel", job], check=True)
+    wait_done(job, log)
+    t0 = time.monotonic()
+    final = re.compile(r"requeue|training step ended with exit code")  # the script's last words, whichever path
+    while not final.search(log.read_text()) and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+    time.sleep(5)  # a requeue would follow the script's last line at once
+    text = log.read_text()
+    assert final.search(text), text[-4000:]
+    assert "requeueing the job" not in text, text[-4000:]
+    # Usually every rank writes its stop checkpoint and exits 75 (what a preemption requeues); under heavy load
+    # srun may give up on the step first and end 0. Either way the script must not requeue, and says why.
+    if "training step ended with exit code 0" not in text:
+        assert "Slurm was already ending the job (state COMPLETING" in text, text[-4000:]
+    info = job_info(job)
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info

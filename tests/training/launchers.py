@@ -89,3 +89,16 @@ def assert_same_losses(got: dict[int, dict[str, float]], want: dict[int, dict[st
         assert step in got, f"step {step} missing after resume (have {sorted(got)})"
         for k in LOSS_KEYS:
             assert got[step][k] == want[step][k], (step, k, got[step][k], want[step][k])
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of RUN_DIR/tensorboard as (step, value) per tag, files read in TensorBoard's order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                value = v.simple_value if v.HasField("simple_value") else float(v.tensor.float_val[0])
+                out.setdefault(v.tag, []).append((event.step, value))
+    return out

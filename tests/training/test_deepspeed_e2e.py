@@ -132,16 +132,28 @@ def test_fgr_samples_over_the_global_batch_by_default(stage_runs):
 
 def test_resume_gives_the_same_next_losses(stage_runs, dataset, tmp_path):
     full = stage_runs[1]
+    from tests.training.launchers import tensorboard_scalars
+
     resumed = tmp_path / "resumed"
-    shutil.copytree(full / "checkpoints", resumed / "checkpoints")
+    # The run as a preemption after step 6 leaves it: metrics and TensorBoard events up to step 6, but `latest`
+    # is step 3 (the stop checkpoint was cut short), so steps 4-6 are trained and logged again.
+    for name in ("checkpoints", "tensorboard"):
+        shutil.copytree(full / name, resumed / name)
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
     (resumed / "checkpoints" / "latest").write_text("step00000003\n")
     launch(resumed, f"--data.train={dataset}", f"--train.ds_config={ROOT}/ds_configs/zero1.json", "--resume")
     after = losses(resumed)
-    assert sorted(after) == [4, 5, 6]
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]  # no step twice in metrics.jsonl
     want = losses(full)
     for step in (4, 5, 6):
         for k in LOSS_KEYS:
             assert after[step][k] == pytest.approx(want[step][k], rel=1e-5, abs=1e-6), (step, k)
+    # TensorBoard too: each step once, the resumed values after step 3; DeepSpeed's sample-indexed lr as well.
+    scalars = tensorboard_scalars(resumed)
+    assert [s for s, _ in scalars["loss/gcpr"]] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["loss/gcpr"]] == pytest.approx([after[s]["loss/gcpr"] for s in range(1, 7)])
+    sample_steps = [s for s, _ in scalars["Train/Samples/lr"]]
+    assert sample_steps == sorted(set(sample_steps)) and len(sample_steps) == 6, sample_steps
 
 
 @pytest.mark.parametrize("stage", [2, 3])
