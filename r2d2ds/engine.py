@@ -187,4 +187,53 @@ def build_engine(module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]
         load_jit_op(CPUAdamBuilder())
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=copy.deepcopy(ds_config))
+    share_fp32_master(engine)
     return engine
+
+
+def share_fp32_master(engine) -> int:
+    """In fp32 training, make the ZeRO optimizer's fp32 master partition the parameters' own partition; bytes freed.
+
+    ZeRO keeps an fp32 "master" copy of this rank's parameter partition for the optimizer to step, and copies it
+    back into the (bf16) parameters after the step. When the parameters are fp32 themselves and on the same device
+    (no offload), that copy duplicates the partition: 4 P / N bytes per rank that the ZeRO paper's fp32 accounting
+    (4 P params, 4 P grads, 8 P Adam) does not have. ZeRO-3 means to alias them in that case but compares a
+    torch.device with a device-name string (`torch.device("cpu") == "cpu"` is False in torch 2.13, on CUDA too),
+    so it always clones; ZeRO-1/2 always clone. Pointing the master tensor's .data at the parameter partition
+    keeps the optimizer's references (param_groups, state keys) and makes the step update the parameters in
+    place; the copy back becomes a copy onto itself. Values are unchanged: the clone and the partition were equal,
+    and every later write goes through the step (tests/distributed/test_fp32_master.py: parameters equal to the
+    cloning engine's bit for bit, and a checkpoint round trip).
+    bf16 / fp16 training (master and parameters of different dtypes) and CPU offload (master on the host) keep
+    their copy. Returns the bytes of the released clones."""
+    opt = engine.optimizer
+    freed = 0
+
+    def alias(master: torch.Tensor, partition: torch.Tensor) -> int:
+        if (master is None or partition is None or master.dtype != partition.dtype
+                or master.device != partition.device or master.shape != partition.shape
+                or master.untyped_storage().data_ptr() == partition.untyped_storage().data_ptr()):
+            return 0
+        size = master.untyped_storage().nbytes()
+        master.data = partition.data
+        return size
+
+    stage = engine.zero_optimization_stage()
+    if stage in (1, 2) and hasattr(opt, "single_partition_of_fp32_groups") and not opt.cpu_offload:
+        import deepspeed.comm as dist
+
+        for i, master in enumerate(opt.single_partition_of_fp32_groups):
+            rank = dist.get_rank(group=opt.real_dp_process_group[i])
+            freed += alias(master, opt.parallel_partitioned_bit16_groups[i][rank])
+        if freed:
+            # Each parameter's lp -> hp mapping (safe_get_full_fp32_param, universal checkpoints) holds views of the
+            # master partition: re-link them to the shared one, or they would keep the clone alive, stale. The
+            # optimizer-state fragments are linked again lazily at the next step.
+            opt._link_all_hp_params()
+            opt._hp_optimizer_states_linked = False
+    elif stage == 3 and hasattr(opt, "fp32_partitioned_groups_flat") and not (opt.offload_optimizer
+                                                                                or opt.offload_param):
+        for i, master in enumerate(opt.fp32_partitioned_groups_flat):
+            if not opt._swappable_optimizer_subgroup(i):
+                freed += alias(master, opt.fp16_partitioned_groups_flat[i])
+    return freed
