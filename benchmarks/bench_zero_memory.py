@@ -1,18 +1,21 @@
 """Per-rank memory of R2D2 pre-training under ZeRO 1/2/3 and CPU offload, beside the ZeRO paper's formulas.
 
-Each ds_config runs `deepspeed --num_gpus 2` (2 CPU ranks, gloo) on the synthetic dataset for a few optimizer
-steps of the real trainer (every loss on, EMA teacher, fp32, AdamW), with MALLOC_MMAP_THRESHOLD_=65536 so freed
-blocks go back to the OS and RSS follows the live tensors (DESIGN.md section 5). Every rank reports:
+Each ds_config runs `deepspeed --num_gpus N` (N = --ranks CPU ranks, gloo; 2 by default) on the synthetic dataset
+for a few optimizer steps of the real trainer (every loss on, EMA teacher, fp32, AdamW), with
+MALLOC_MMAP_THRESHOLD_=65536 so freed blocks go back to the OS and RSS follows the live tensors (DESIGN.md
+section 5). Every rank reports:
 
   peak          the largest peak RSS of the rank over model building and every phase of every step, without the
                 file-backed pages (shared libraries, which other processes' memory pressure evicts and
                 faults back: VmHWM - RssFile - RssShmem); the baseline likewise counts RssAnon only
   model states  counted from the engine's own tensors after the first step (distinct storages, bytes):
                 params (the module's parameters: whole under ZeRO-1/2, this rank's partitions under ZeRO-3),
-                grads (gradient storages alive when the backward has finished: full .grad under ZeRO-1,
-                partitions + reduce buckets under ZeRO-2/3), master (the optimizer's fp32 partition when it
-                is a copy: ZeRO-1/2 clone it even in fp32, ZeRO-3 aliases fp32 parameters), adam (exp_avg,
-                exp_avg_sq, step of this rank's partition)
+                grads (the most gradient storage alive at once at the end of the backward: before the engine's
+                reduction, where ZeRO-1 holds the whole .grad, or after it, where every stage holds this rank's
+                partition + reduce buckets), master (the optimizer's fp32 partition where it is a
+                separate copy: none in fp32, where r2d2ds.engine.share_fp32_master makes it the parameters'
+                own partition; the host copy under CPU offload), adam (exp_avg, exp_avg_sq, step of this
+                rank's partition); CPU offload's staging buffers are counted beside them ("offload buffers")
   teacher       the EMA teacher's parameter storage on this rank (whole under ZeRO-1/2, a partition under ZeRO-3)
   activations   peak RSS during forward + backward minus RSS before the forward minus the gradients made in it
   rest          peak - baseline - model states - teacher - activations (communication buffers, allocator slack)
@@ -20,10 +23,11 @@ blocks go back to the OS and RSS follows the live tensors (DESIGN.md section 5).
 
 and the formulas for fp32 + Adam with Psi parameters and N ranks (Rajbhandari et al. 2020, section 5):
 stage 1: 4 Psi + 4 Psi + 8 Psi / N, stage 2: 4 Psi + 12 Psi / N, stage 3: 16 Psi / N; the teacher: 4 Psi, or
-4 Psi / N when partitioned. The CPU-offload config (ZeRO-2 + DeepSpeedCPUAdam) moves master + Adam to host
-memory, which on a CPU machine is the same RSS: its formula is stage 2's.
+4 Psi / N when partitioned. The CPU-offload config (ZeRO-2 + DeepSpeedCPUAdam) keeps 4 Psi + 4 Psi / N on the
+accelerator and the optimizer (its own fp32 copy of the partition + Adam, 12 Psi / N) in host memory; on a CPU
+machine the accelerator IS the host, so both are the same RSS and the formula is their sum (see `formula`).
 
-    python benchmarks/bench_zero_memory.py --config issue   # ~320M parameters, ~8-10 GB per rank
+    python benchmarks/bench_zero_memory.py --config issue   # ~320M parameters, ~5-7 GB per rank
     python benchmarks/bench_zero_memory.py --config tiny --out scratch/ --ds-configs zero1 zero3
 Results: JSON + markdown (date, CPU, versions) in --out (default benchmarks/results/cpu/).
 """
@@ -69,17 +73,7 @@ TINY = {
               "embed_dim": 64, "cross_layers": 2, "cross_heads": 8, "cross_dropout": 0.0},
     "data": {"tokenizer": "auto", "image_size": 32, "max_text_len": 16, "micro_batch": 8},
 }
-# The mission's model (README memory plan): CLIP ViT-L/14 at 224 px (257 tokens), BERT-base on the Chinese vocab,
-# two 6-layer cross encoders, text length 64 as released. Used by --per-sample only (it does not fit 2 CPU ranks).
-MISSION = {
-    "model": {"image_model": "vit_large_patch14_clip_224", "image_kwargs": {}, "text_model": "config",
-              "text_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                              "intermediate_size": 3072, "max_position_embeddings": 512,
-                              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-              "embed_dim": 256, "cross_layers": 6, "cross_heads": 12, "cross_dropout": 0.0},
-    "data": {"tokenizer": str(VOCAB), "image_size": 224, "max_text_len": 64},
-}
-CONFIGS = {"issue": ISSUE, "tiny": TINY, "mission": MISSION}
+CONFIGS = {"issue": ISSUE, "tiny": TINY}
 
 DS_CONFIGS = ("zero1", "zero2", "zero3", "zero2_offload")
 COMMON = {"loss": {"tgd_alpha": 0.4}, "data": {"shuffle_buffer": 16},
@@ -189,6 +183,13 @@ def worker(args) -> None:
         return out
 
     engine.step = step_hook
+    real_reduce = engine.allreduce_gradients
+
+    def reduce_hook(*a, **k):  # the end of the backward, before the engine's reduction: ZeRO-1's whole .grad
+        rec["grads_before_reduce"] = max(rec.get("grads_before_reduce", 0), sum(grad_storages(engine).values()))
+        return real_reduce(*a, **k)
+
+    engine.allreduce_gradients = reduce_hook
     if trainer.teacher is not None:
         real_update = trainer.teacher.update
 
@@ -209,13 +210,21 @@ def worker(args) -> None:
         trainer.train_step(batches)
         rec["after_step_peak"] = _peak()
         rec["rss_before"] = rss_before
-        rec["activations"] = max(0, rec["fwd_bwd_peak"] - rss_before - rec["grads"])
+        held = max(rec["grads"], rec.get("grads_before_reduce", 0))  # gradients alive at the backward's end
+        rec["activations"] = max(0, rec["fwd_bwd_peak"] - rss_before - held)
         rec["peak"] = max(rec["fwd_bwd_peak"], rec["opt_step_peak"], rec["after_step_peak"])
         peak = max(peak, rec["peak"])
         steps.append(dict(rec))
         if states is None:
-            states = {k: sum(v.values()) for k, v in state_storages(engine).items()}
-            states["grads"] = rec["grads"]
+            found = state_storages(engine)
+            states = {k: sum(v.values()) for k, v in found.items()}
+            # The most gradient bytes held at once: before the reduction (ZeRO-1: the whole .grad) or after.
+            states["grads"] = max(rec["grads"], rec.get("grads_before_reduce", 0))
+            # CPU offload's own host buffers (bf16 staging copy of the partition, gradient staging): not model
+            # states of the paper's count, reported beside them.
+            counted = set(grad_storages(engine)).union(*found.values())
+            states["offload_buffers"] = sum(v for k, v in _storages(_optimizer_attrs(
+                engine.optimizer, ("cpu_offload", "in_cpu"))).items() if k not in counted)
     teacher_bytes = 0
     teacher_numel = (0, 0)
     if trainer.teacher is not None:
@@ -236,58 +245,21 @@ def worker(args) -> None:
     (Path(args.result) / f"rank{trainer.rank}.json").write_text(json.dumps(result, indent=1))
 
 
-# ----------------------------------------------------------------------------------- per-sample activations
-def per_sample(config: str, batches: tuple[int, int], bf16: bool) -> dict:
-    """Bytes autograd saves for the backward per training sample of `config`'s student forward (every loss on).
-
-    One process, no engine: the forward of R2D2Pretraining at two batch sizes under a saved-tensor hook that
-    records every distinct storage autograd keeps; the difference divided by the batch difference is the
-    per-sample cost (parameters and weight casts, saved at any batch size, cancel). bf16: CPU autocast, as the
-    trainer's CUDA autocast runs the model. The EMA teacher runs without gradient and saves nothing.
-    """
-    import torch
-
-    import r2d2ds  # noqa: F401
-    from r2d2ds.config import config_from_dict
-    from r2d2ds.losses.objective import R2D2Pretraining
-
-    tree = _tree_merge(COMMON, CONFIGS[config])
-    cfg = config_from_dict({"model": tree["model"], "loss": tree["loss"]})
-    vocab = 21128
-    torch.manual_seed(0)
-    module = R2D2Pretraining(cfg.model, cfg.loss, vocab_size=vocab, pad_token_id=0, mask_token_id=103,
-                             special_token_ids=[0, 100, 101, 102, 103]).train()
-    n_params = sum(p.numel() for p in module.model.parameters())
-    size, length = tree["data"]["image_size"], tree["data"]["max_text_len"]
-    out = {"config": config, "psi": n_params, "bf16": bf16, "image_size": size, "text_len": length}
-    for b in batches:
-        saved: dict[int, int] = {}
-
-        def pack(t, saved=saved):
-            st = t.untyped_storage()
-            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
-            return t
-
-        g = torch.Generator().manual_seed(b)
-        batch = {"image": torch.randn(b, 3, size, size, generator=g),
-                 "input_ids": torch.randint(104, vocab, (b, length), generator=g),
-                 "attention_mask": torch.ones(b, length, dtype=torch.long), "image_id": torch.arange(b)}
-        batch["input_ids"][:, 0] = 101
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-        with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = module(batch, None, seed=b)["loss"]
-        out[f"saved_bytes_b{b}"] = sum(saved.values())
-        del loss
-    b0, b1 = batches
-    out["per_sample_bytes"] = (out[f"saved_bytes_b{b1}"] - out[f"saved_bytes_b{b0}"]) / (b1 - b0)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ driver side
-def formula(stage: int, psi: int, n: int) -> dict[str, float]:
-    """Bytes per rank of fp32 + Adam model states (ZeRO paper) and of the EMA teacher."""
+def formula(stage: int, psi: int, n: int, offload: bool = False) -> dict[str, float]:
+    """Bytes per rank of fp32 + Adam model states (ZeRO paper) and of the EMA teacher.
+
+    With the optimizer offloaded (ZeRO-2 + DeepSpeedCPUAdam) the accelerator keeps 4 Psi parameters and the
+    4 Psi / N gradient partition, the host the optimizer's own fp32 copy of the partition (4 Psi / N: it cannot
+    be the accelerator's parameters) and Adam (8 Psi / N); on a CPU machine both are the same RSS, so the formula
+    is their sum, 4 Psi + 16 Psi / N, of which "host" is 12 Psi / N.
+    """
+    if offload:
+        if stage != 2:
+            raise ValueError(f"no offload formula for stage {stage}")
+        return {"states": 4 * psi + 16 * psi / n, "host": 12 * psi / n, "teacher": 4 * psi}
     states = {1: 4 * psi + 4 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n, 3: 16 * psi / n}[stage]
-    return {"states": states, "teacher": 4 * psi / n if stage == 3 else 4 * psi}
+    return {"states": states, "host": 0.0, "teacher": 4 * psi / n if stage == 3 else 4 * psi}
 
 
 def _tree_merge(a: dict, b: dict) -> dict:
@@ -354,16 +326,24 @@ def summarize(run: dict) -> dict:
     worst = max(ranks, key=lambda r: r["peak"])
     st = worst["states"]
     states = st["params"] + st["grads"] + st["master"] + st["adam"]
-    f = formula(worst["stage"], worst["psi"], worst["world"])
+    f = formula(worst["stage"], worst["psi"], worst["world"], bool(worst["offload"]))
     rest = worst["peak"] - worst["baseline"] - states - worst["teacher"] - worst["activations"]
     return {"ds_config": run["ds_config"], "stage": worst["stage"], "offload": worst["offload"],
             "psi": worst["psi"], "world": worst["world"], "peak": worst["peak"],
             "peak_per_rank": [r["peak"] for r in ranks], "baseline": worst["baseline"],
             "states": states, "params": st["params"], "grads": st["grads"], "master": st["master"],
-            "adam": st["adam"], "teacher": worst["teacher"], "teacher_numel": worst["teacher_numel"],
+            "adam": st["adam"], "offload_buffers": st.get("offload_buffers", 0), "teacher": worst["teacher"],
+            "teacher_numel": worst["teacher_numel"],
             "activations": worst["activations"], "rest": rest, "ema_update_extra": worst["ema_update_extra"],
-            "formula_states": f["states"], "formula_teacher": f["teacher"], "states_vs_formula": states / f["states"],
-            "ds_zero": worst["ds_zero"]}
+            "formula_states": f["states"], "formula_host": f["host"], "formula_teacher": f["teacher"],
+            "states_vs_formula": states / f["states"],
+            "ds_zero": worst["ds_zero"],
+            # where the peak happens: model building, forward + backward, the optimizer step, the rest of the step
+            # (EMA update, logging); each above nothing (absolute peaks, anonymous memory)
+            "phase_peaks": {"build": worst["build_peak"],
+                            "fwd_bwd": max(s["fwd_bwd_peak"] for s in worst["steps"]),
+                            "optimizer_step": max(s["opt_step_peak"] for s in worst["steps"]),
+                            "after_step": max(s["after_step_peak"] for s in worst["steps"])}}
 
 
 def markdown(meta: dict, config: str, steps: int, rows: list[dict]) -> str:
@@ -374,14 +354,17 @@ def markdown(meta: dict, config: str, steps: int, rows: list[dict]) -> str:
     psi = ok[0]["psi"] if ok else 0
     mem = f"{meta['memory_gib']} GiB" if "memory_gib" in meta else meta.get("memory", "")  # older results
     lines = [
-        f"# ZeRO per-rank memory: `{config}` configuration ({psi / 1e6:.1f}M parameters, 2 CPU ranks)",
+        f"# ZeRO per-rank memory: `{config}` configuration ({psi / 1e6:.1f}M parameters, "
+        f"{ok[0]['world'] if ok else '?'} CPU ranks)",
         "",
         f"{meta['date']}; {meta['cpu']}, {meta['cores']} cores, {mem}; python {meta['python']}, "
         f"torch {meta['torch']}, deepspeed {meta['deepspeed']}. fp32, AdamW, every loss on, EMA teacher, "
         f"{steps} optimizer steps, MALLOC_MMAP_THRESHOLD_=65536, OMP_NUM_THREADS=1 per rank. GiB per rank "
         "(the rank with the higher peak). Columns: see benchmarks/bench_zero_memory.py's docstring; formula = "
         "fp32 + Adam model states of the ZeRO paper (stage 1: 4P + 4P + 8P/N, stage 2: 4P + 12P/N, "
-        "stage 3: 16P/N) and the teacher (4P, or 4P/N partitioned).",
+        "stage 3: 16P/N; CPU offload, stage 2: 4P + 16P/N, of which 12P/N, the optimizer's own fp32 copy and "
+        "Adam, in host memory: on this CPU-only machine host and device are one RSS) and the teacher (4P, or 4P/N "
+        "partitioned).",
         "",
         "| ds_config | peak | model states (params / grads / master / adam) | formula | states / formula | "
         "teacher (formula) | activations | rest | baseline | EMA update extra (MiB) |",
@@ -401,14 +384,48 @@ def markdown(meta: dict, config: str, steps: int, rows: list[dict]) -> str:
         order = by["zero3"]["peak"] < by["zero2"]["peak"] < by["zero1"]["peak"]
         lines += ["", f"Peak ordering stage 3 < stage 2 < stage 1: {'yes' if order else 'NO'} "
                   f"({g(by['zero3']['peak'])} < {g(by['zero2']['peak'])} < {g(by['zero1']['peak'])} GiB)."]
-    lines += ["", "Reading the split: \"activations\" is the forward + backward peak above the RSS before the step "
-              "minus the gradient storages alive at the end of the backward. ZeRO-2/3 reduce gradients into buckets "
-              "during the backward and ZeRO-3 keeps a persistent fp32 gradient partition, so for them the split "
-              "between activations and rest is approximate; peak, model states and teacher are exact. In fp32, "
-              "DeepSpeed's ZeRO-1/2 step flattens the gradient partition into a second copy (+4P/N at the step), "
-              "which is why ZeRO-2's peak is close to ZeRO-1's at N = 2; the bf16 path accumulates into one flat "
-              "partition and has no such copy. \"EMA update extra\": memory the teacher update allocated (a "
-              "whole-model gather would be 4P)."]
+    if ok:
+        lines += ["", "Accounting per stage, in bytes per parameter of the whole model (P = Psi = "
+                  f"{psi:,}, N = {ok[0]['world']}), counted storages beside the paper's terms:", "",
+                  "| ds_config | params | grads | master | adam | states | formula | offload buffers | where |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in ok:
+            def p(x: float, psi: int = r["psi"]) -> str:
+                return f"{x / psi:.2f}P"
+
+            where = {1: "params whole, grads reduced to the partition at the end of the backward (whole until "
+                        "then), Adam partitioned",
+                     2: "params whole, grads partitioned during the backward, Adam partitioned",
+                     3: "params, grads, Adam partitioned (small parameters whole: persistence threshold)"}
+            where = ("host: master + Adam (DeepSpeedCPUAdam) and the staging buffers; accelerator: params whole, "
+                     "grads partitioned" if r["offload"] else where[r["stage"]])
+            lines.append(f"| {r['ds_config']} | {p(r['params'])} | {p(r['grads'])} | {p(r['master'])} | "
+                         f"{p(r['adam'])} | {p(r['states'])} | {p(r['formula_states'])} | "
+                         f"{p(r.get('offload_buffers', 0))} | {where} |")
+    lines += ["", "Reading it. Formula: fp32 parameters 4P (4P/N under ZeRO-3), gradients 4P (4P/N from ZeRO-2), "
+              "Adam 8P/N; fp32 training needs no separate master copy, and r2d2ds keeps none: "
+              "`r2d2ds.engine.share_fp32_master` points DeepSpeed's fp32 master partition at the parameters' own "
+              "partition (DeepSpeed clones it: ZeRO-1/2 always, ZeRO-3 because its alias test compares a "
+              "torch.device with a device-name string, never equal in torch 2.13), which removed 4P/N = 2P per "
+              "rank at N = 2 at every stage. Gradients are the most held at once at the end of the backward: "
+              "ZeRO-1's whole .grad (4P) before its reduction, ZeRO-2/3's partition (4P/N) + buckets. ZeRO-3's "
+              "params exceed 4P/N by the parameters kept whole under the persistence threshold and the "
+              "partitions' padding. Under CPU offload the "
+              "master is a real second copy (host vs accelerator) and is in the formula; its staging buffers "
+              "(a copy of the partition in the parameters' dtype, a gradient buffer of the largest parameter) are "
+              "counted apart.",
+              "", "Peak: \"activations\" is the forward + backward peak above the RSS before the step minus the "
+              "gradient storages alive at the end of the backward. ZeRO-2/3 reduce gradients into buckets during "
+              "the backward and ZeRO-3 keeps a persistent fp32 gradient partition, so for them the split between "
+              "activations and rest is approximate; peak, model states and teacher are exact. In fp32, "
+              "DeepSpeed's ZeRO-1/2 step flattens the gradient partition into a second copy (+4P/N during the "
+              "step, DeepSpeed's code, not ours), so at N = 2 ZeRO-2's step holds 4P + 2 x 4P/N of parameters and "
+              "gradients, as much as ZeRO-1's backward end (4P + 4P): their peaks differ by the activations and "
+              "buffers alive at those moments only; the bf16 path accumulates into one flat partition and has no "
+              "such copy. \"EMA update extra\": memory the teacher update allocated (a whole-model gather "
+              "would be 4P). Phase peaks (absolute, GiB): " + "; ".join(
+                  f"{r['ds_config']}: " + ", ".join(f"{k} {g(v)}" for k, v in r["phase_peaks"].items())
+                  for r in ok if "phase_peaks" in r) + "."]
     if meta.get("runs"):
         lines += ["", f"Stages measured in separate launches of this script (sequential, one at a time): "
                   f"{', '.join(meta['runs'])}."]
@@ -442,14 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", choices=sorted(CONFIGS), default="issue")
     p.add_argument("--ds-configs", nargs="+", default=list(DS_CONFIGS), choices=DS_CONFIGS)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=2, help="CPU ranks (N) of each launch")
     p.add_argument("--data", help="synthetic dataset directory (default: a fresh one in a temporary folder)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--min-available-gib", type=float, default=0.0,
                    help="wait until the machine has this much available memory before each launch")
     p.add_argument("--name", default=None, help="result file stem (default zero_memory_<config>)")
-    p.add_argument("--per-sample", action="store_true",
-                   help="measure saved activation bytes per sample of --config (one process) instead")
-    p.add_argument("--bf16", action="store_true", help="with --per-sample: under bf16 autocast")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine saved result files (a later file's row replaces an earlier one of the same "
                         "ds_config) into --out/--name and exit; for stages measured in separate runs")
@@ -467,14 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    if args.per_sample:
-        res = {"meta": host("torch", "deepspeed"), **per_sample(args.config, (1, 2), args.bf16)}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = args.name or f"activations_{args.config}_{'bf16' if args.bf16 else 'fp32'}"
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps(res))
-        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_zero_") as tmp:
         data = Path(args.data) if args.data else prepare_data(Path(tmp))
@@ -482,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             _wait_for_memory(args.min_available_gib)
             folder = Path(tmp) / ds
             folder.mkdir()
-            run = run_one(args.config, ds, data, args.steps, folder)
+            run = run_one(args.config, ds, data, args.steps, folder, ranks=args.ranks)
             row = summarize(run)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ds_zero"}), flush=True)
