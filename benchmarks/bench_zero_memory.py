@@ -294,14 +294,15 @@ def prepare_data(folder: Path) -> Path:
     return out
 
 
-def run_one(config: str, ds_config: str, data: Path, steps: int, folder: Path, ranks: int = 2) -> dict:
+def run_one(config: str, ds_config: str, data: Path, steps: int, folder: Path, ranks: int = 2,
+            micro_batch: int | None = None) -> dict:
     """One deepspeed launch; returns {"ranks": [per-rank results], ...} or {"error": ...}."""
     import yaml
 
     if config == "issue" and not VOCAB.is_file():
         raise FileNotFoundError(f"the issue configuration needs the bert-base-chinese vocabulary at {VOCAB}")
     tree = _tree_merge(_tree_merge(COMMON, CONFIGS[config]),
-                       {"data": {"train": str(data)},
+                       {"data": {"train": str(data), **({"micro_batch": micro_batch} if micro_batch else {})},
                         "train": {"steps": steps, "run_dir": str(folder / "run"),
                                   "ds_config": str(ROOT / "ds_configs" / f"{ds_config}.json")}})
     cfg_path = folder / "config.yaml"
@@ -460,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ds-configs", nargs="+", default=list(DS_CONFIGS), choices=DS_CONFIGS)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks (N) of each launch")
+    p.add_argument("--micro-batch", type=int, default=None, help="data.micro_batch (default: the configuration's)")
     p.add_argument("--data", help="synthetic dataset directory (default: a fresh one in a temporary folder)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--min-available-gib", type=float, default=0.0,
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             _wait_for_memory(args.min_available_gib)
             folder = Path(tmp) / ds
             folder.mkdir()
-            run = run_one(args.config, ds, data, args.steps, folder, ranks=args.ranks)
+            run = run_one(args.config, ds, data, args.steps, folder, ranks=args.ranks, micro_batch=args.micro_batch)
             row = summarize(run)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ds_zero"}), flush=True)
