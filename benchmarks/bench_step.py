@@ -246,7 +246,8 @@ def meta() -> dict:
     m = {**host("torch", "deepspeed", "transformers", "timm", "triton"),
          "flop_model": "r2d2ds.flops: 2 m n k per matmul, backward 2x forward, "
          "contrastive 8 B_local B_global D per call; model FLOPs only (GradCache's recomputed forward is not "
-         "credited); MFU against torch.mm measured in the same run"}
+         "credited); MFU against torch.mm measured in the same run",
+         "triton_autotune": os.environ.get("R2D2DS_AUTOTUNE", "1") != "0"}
     if torch.cuda.is_available():
         m["gpu"] = torch.cuda.get_device_name(0)
     return m
