@@ -10,8 +10,8 @@ while autograd is still computing. This does what DDP's reducer does:
 - when the last gradient of a bucket has been accumulated (`register_post_accumulate_grad_hook`), the bucket is
   flattened and its SUM all-reduce is launched asynchronously, so the transfer runs while autograd computes the
   earlier layers;
-- an end-of-backward callback waits for every bucket, divides by the world size and writes the average back into
-  each `.grad` before `engine.backward` returns. A bucket whose gradients did not all arrive (a parameter unused
+- an end-of-backward callback waits for every bucket, divides by the world size and makes each `.grad` its
+  slice of the reduced bucket (a view: no copy back) before `engine.backward` returns. A bucket whose gradients did not all arrive (a parameter unused
   in this step on every rank) is reduced there over the gradients that exist.
 
 It reduces only at gradient-accumulation boundaries (earlier micro steps accumulate locally, as DeepSpeed's own
@@ -84,9 +84,9 @@ class OverlappedGradAverage:
                     work.wait()
                     flat.div_(self.world)
                     offset = 0
-                    for p in params:
+                    for p in params:  # each .grad becomes its slice of the reduced buffer: no copy back
                         n = p.numel()
-                        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                        p.grad = flat[offset:offset + n].view_as(p)
                         offset += n
         finally:
             self._pending.clear()
