@@ -10,9 +10,12 @@ while autograd is still computing. This does what DDP's reducer does:
 - when the last gradient of a bucket has been accumulated (`register_post_accumulate_grad_hook`), the bucket is
   flattened and its SUM all-reduce is launched asynchronously, so the transfer runs while autograd computes the
   earlier layers;
-- an end-of-backward callback waits for every bucket, divides by the world size and makes each `.grad` its
-  slice of the reduced bucket (a view: no copy back) before `engine.backward` returns. A bucket whose gradients did not all arrive (a parameter unused
-  in this step on every rank) is reduced there over the gradients that exist.
+- buckets are launched strictly in order (a finished bucket waits for the ones before it), so every rank issues
+  the same sequence of collectives even when their backwards finish gradients in different orders;
+- an end-of-backward callback launches what is left, with zeros for the gradients that never arrived (a parameter
+  this rank's step did not reach: the same sizes on every rank, as DeepSpeed's own reduction does), waits for every
+  bucket, divides by the world size and makes each `.grad` its slice of the reduced bucket (a view: no copy back)
+  before `engine.backward` returns.
 
 It reduces only at gradient-accumulation boundaries (earlier micro steps accumulate locally, as DeepSpeed's own
 reduction does), so the numerics are DeepSpeed's: grad = (1 / world) x sum over ranks of the accumulated local
@@ -27,7 +30,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-DEFAULT_BUCKET_ELEMS = 2**20  # 4 MiB of fp32: several buckets even for a small model, so the first ones overlap
+# 16 MiB of fp32 (DDP's default cap is 25 MB): every bucket is a collective and so a point where the ranks wait
+# for each other, which on a loaded CPU machine costs a scheduler slice each; 3 buckets for the 8.7 M-parameter
+# CPU benchmark model, still enough for the first ones to overlap the rest of the backward.
+DEFAULT_BUCKET_ELEMS = 2**22
 
 
 class OverlappedGradAverage:
@@ -51,7 +57,8 @@ class OverlappedGradAverage:
             size += p.numel()
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         self._ready = [0] * len(self.buckets)
-        self._pending: dict[int, tuple[dist.Work, torch.Tensor, list[torch.nn.Parameter]]] = {}
+        self._next = 0  # the next bucket to launch: launches go in bucket order on every rank
+        self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.nn.Parameter]]] = []
         self._active: bool | None = None  # None: no gradient seen yet in this backward
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
@@ -61,26 +68,26 @@ class OverlappedGradAverage:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         if not self._active:
             return
-        i = self.bucket_of[p]
-        self._ready[i] += 1
-        if self._ready[i] == len(self.buckets[i]):
-            self._launch(i, self.buckets[i])
+        self._ready[self.bucket_of[p]] += 1
+        while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next]):
+            self._launch()
 
-    def _launch(self, i: int, params: list[torch.nn.Parameter]) -> None:
+    def _launch(self) -> None:
+        params = self.buckets[self._next]
+        for p in params:  # only at the end of the backward: a gradient this rank's step never reached
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params])  # (sum of numel,)
-        self._pending[i] = (dist.all_reduce(flat, group=self.group, async_op=True), flat, params)
+        self._pending.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, params))
+        self._next += 1
 
     def _finish(self) -> None:
-        """End of the backward: complete every bucket and write the averages back into .grad."""
+        """End of the backward: launch what is left, wait, and make each .grad its slice of the average."""
         try:
             if self._active:
-                for i, bucket in enumerate(self.buckets):
-                    if i not in self._pending:  # some gradients never arrived: reduce the ones that exist
-                        present = [p for p in bucket if p.grad is not None]
-                        if present:
-                            self._launch(i, present)
-                for i in sorted(self._pending):
-                    work, flat, params = self._pending[i]
+                while self._next < len(self.buckets):
+                    self._launch()
+                for work, flat, params in self._pending:
                     work.wait()
                     flat.div_(self.world)
                     offset = 0
@@ -90,6 +97,7 @@ class OverlappedGradAverage:
                         offset += n
         finally:
             self._pending.clear()
+            self._next = 0
             self._ready = [0] * len(self.buckets)
             self._active = None
 
@@ -108,7 +116,7 @@ def overlap_grad_average(engine, bucket_elems: int = DEFAULT_BUCKET_ELEMS) -> Ov
             or not dist.is_initialized() or dist.get_world_size() == 1):
         return None
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    params = [p for p in engine.module.parameters() if p.requires_grad and id(p) in in_opt]
+    params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() and id(p) in in_opt]
     reducer = OverlappedGradAverage(params, engine.is_gradient_accumulation_boundary, bucket_elems)
     engine.enable_backward_allreduce = False  # the reducer above does it, during the backward
     return reducer

@@ -1,5 +1,6 @@
 """r2d2ds.distributed.overlap on 2 gloo ranks: the gradient average overlapped with the backward equals the
-average of the ranks' local gradients (several buckets, gradient accumulation, an unused parameter), and inside a
+average of the ranks' local gradients (several buckets, gradient accumulation, a parameter no rank reaches, one
+only rank 0 reaches: zeros stand in for the missing gradients, as in DeepSpeed's reduction), and inside a
 ZeRO-0 fp32 DeepSpeed engine it trains the same parameters as DeepSpeed's own post-backward reduction."""
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ def _reducer_vs_local(rank: int, world: int, accum: int) -> dict:
 
     model, local = _model(), _model()
     unused = torch.nn.Parameter(torch.ones(4))  # in the reducer, never in the graph: its bucket finishes late
-    params = [*model.parameters(), unused]
+    only0 = torch.nn.Parameter(torch.arange(3.0))  # reached by rank 0's step only: rank 1 must not hang
+    params = [only0, *model.parameters(), unused]
     micro = {"n": 0}
     reducer = OverlappedGradAverage(params, lambda: (micro["n"] + 1) % accum == 0, bucket_elems=40)
     for m in range(accum):
-        _loss(model, rank, m).backward()
+        extra = (only0 ** 2).sum() if rank == 0 else 0.0
+        (_loss(model, rank, m) + extra).backward()
         _loss(local, rank, m).backward()
         micro["n"] += 1
         if m < accum - 1:  # before the boundary the gradients stay this rank's own
@@ -46,15 +49,18 @@ def _reducer_vs_local(rank: int, world: int, accum: int) -> dict:
     got = [p.grad for p in model.parameters()]
     return {"buckets": len(reducer.buckets), "max_err": max(float((a - b).abs().max()) for a, b in zip(got, expected)),
             "differs_from_local": any(not torch.equal(a, q.grad) for a, q in zip(got, local.parameters())),
-            "unused_grad": unused.grad, "pending": len(reducer._pending)}
+            "unused_grad": unused.grad, "only0_grad": only0.grad, "pending": len(reducer._pending)}
 
 
 @pytest.mark.parametrize("accum", [1, 3])
 def test_overlapped_average_equals_the_average_of_local_gradients(accum):
     for res in run_ranks(_reducer_vs_local, 2, accum):
-        assert res["buckets"] >= 4  # 451 elements in buckets of <= 40 (a larger tensor gets its own)
+        assert res["buckets"] >= 4  # 454 elements in buckets of <= 40 (a larger tensor gets its own)
         assert res["max_err"] < 1e-6, res
-        assert res["differs_from_local"] and res["unused_grad"] is None and res["pending"] == 0
+        assert res["differs_from_local"] and res["pending"] == 0
+        assert torch.equal(res["unused_grad"], torch.zeros(4))
+        # rank 0's d/dx sum(x^2) = 2x per micro step, rank 1's zeros: the average is accum x x on both ranks
+        torch.testing.assert_close(res["only0_grad"], accum * torch.arange(3.0))
 
 
 def _engine_steps(rank: int, world: int, overlap: bool) -> dict:
