@@ -3,7 +3,8 @@
 Both sides train the same towers (timm vit_tiny_patch16_224 at 64 px, a 2-layer 128-wide BERT on the
 bert-base-chinese vocabulary, embedding 128) on the same Flickr8k-CN webdataset shards, fp32, 2 ranks over gloo,
 contrastive loss only, 20 steps; steps 4..20 are timed (each side's own per-step log: open_clip's `Batch (t)`,
-our `perf/samples_per_s` with train.log_every 1, both including the data wait). The open_clip side is
+our `perf/samples_per_s` with train.log_every 1, both including the data wait). Our side reads the baseline's
+shards through `int_id_shards` (its string image ids as int64, everything else byte for byte). The open_clip side is
 ../shared/tools/openclip_baseline/run_openclip.sh (its README; nothing of it is copied here), the r2d2ds side is
 `deepspeed --num_gpus 2 train.py --config benchmarks/configs/openclip_match.yaml`. Runs alternate (open_clip
 and ours back to back, which goes first alternating by repeat, then ours full R2D2 if asked) per batch size per
@@ -110,6 +111,36 @@ def run_ours(shards: str, bs: int, steps: int, skip: int, workers: int, ds_confi
             "command": "OMP_NUM_THREADS=1 MASTER_ADDR=127.0.0.1 GLOO_SOCKET_IFNAME=lo " + shlex.join(cmd)}
 
 
+def int_id_shards(src: Path, names: list[str], dst: Path) -> Path:
+    """The baseline's shards for our side: every member byte for byte, except that a string `image_id` in a
+    sample's .json (the baseline's make_shards writes Flickr8k-CN's file stem) becomes the int64 our data
+    contract requires, `key_to_image_id` of that string (equal strings, equal ids: the same positives). Written
+    once into `dst` (rebuilt when a source shard is newer); returns `dst`."""
+    import io
+    import tarfile
+
+    from r2d2ds.data import key_to_image_id
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source, target = src / name, dst / name
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        partial = target.with_suffix(".partial")
+        with tarfile.open(source) as tin, tarfile.open(partial, "w") as tout:
+            for member in tin:
+                data = tin.extractfile(member).read() if member.isfile() else None
+                if data is not None and member.name.endswith(".json"):
+                    meta = json.loads(data)
+                    if isinstance(meta.get("image_id"), str):
+                        meta["image_id"] = key_to_image_id(meta["image_id"])
+                        data = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+                        member.size = len(data)
+                tout.addfile(member, io.BytesIO(data) if data is not None else None)
+        partial.replace(target)
+    return dst
+
+
 def _rates(rows: list[dict]) -> str:
     return ", ".join(f"{r['samples_per_s']:.1f}" for r in rows)
 
@@ -192,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip", type=int, default=3, help="untimed first steps (3: steps 4..20 timed)")
     p.add_argument("--workers", type=int, default=1, help="data loader workers per rank (both sides)")
-    p.add_argument("--ds-config", default="ds_configs/zero1.json")
+    # ZeRO-0: open_clip's DDP is plain data parallel too; in fp32 our gradient average overlaps the backward as
+    # DDP's does (r2d2ds/distributed/overlap.py). --ds-config ds_configs/zero1.json: the partitioned engine.
+    p.add_argument("--ds-config", default="ds_configs/zero0.json")
     p.add_argument("--full-r2d2", action="store_true",
                    help="also time the full R2D2 step (every term on), once per batch size in the first repeat")
     p.add_argument("--openclip-dir", default=str(ROOT.parent / "shared" / "tools" / "openclip_baseline"))
@@ -210,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                                  / "r2d2ds-openclip-baseline"))
     shards_dir = Path(os.environ.get("SHARDS_DIR", ocbase / "shards"))
     n = len(json.loads((shards_dir / "sizes.json").read_text()))
-    shards = args.shards or f"{shards_dir}/{{00000..{n - 1:05d}}}.tar"
-    PORTABLE.extend([(str(shards_dir.resolve()), "$OCBASE/shards"), (str(shards_dir), "$OCBASE/shards"),
+    ours_dir = int_id_shards(shards_dir, [f"{i:05d}.tar" for i in range(n)], ocbase / "shards-int-ids")
+    shards = args.shards or f"{ours_dir}/{{00000..{n - 1:05d}}}.tar"
+    PORTABLE.extend([(str(ours_dir.resolve()), "$OCBASE/shards-int-ids"), (str(ours_dir), "$OCBASE/shards-int-ids"),
+                     (str(shards_dir.resolve()), "$OCBASE/shards"), (str(shards_dir), "$OCBASE/shards"),
                      (str(ocbase.resolve()), "$OCBASE"), (str(ocbase), "$OCBASE"),
                      (str(oc_dir.resolve()), "../shared/tools/openclip_baseline"),
                      (str(oc_dir), "../shared/tools/openclip_baseline"), (str(ROOT), "."),

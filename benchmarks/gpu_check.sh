@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one-shot GPU check (DESIGN.md section 7): where r2d2ds imports from and the versions, the kernel tests
-# natively on the GPU (bf16/fp16 included, one autotune config), the matmul and copy ceilings, the contrastive-loss
-# and cross-attention benchmarks, then a summary table (OUT/summary.md). No network; at most ~8 minutes.
+# natively on the GPU (bf16/fp16 included, one autotune config), the matmul and copy ceilings and the roofline at
+# those ceilings, the contrastive-loss and cross-attention benchmarks, the full R2D2 training step (bench_step.py:
+# ViT-B/16 with GradCache off and on, ViT-L/14; ZeRO-2 on one GPU, bf16), then a summary table (OUT/summary.md).
+# No network; at most ~8 minutes.
 #
 #   bash benchmarks/prepare_gpu_check.sh      # first, on the CPU machine: wheels into .gpu_wheels/
 #   bash benchmarks/gpu_check.sh OUT_DIR      # on the GPU machine, from the repository root, .gpu_wheels/ carried
@@ -14,8 +16,11 @@
 # command must write OUT/<name>.json. Exit status 0 only when every phase succeeded and the summary is complete.
 #
 # --rehearse: the same script on the CPU, as CI runs it: builds r2d2ds's wheel afresh (the environment has the
-# rest), hides deepspeed, webdataset and the editable install of r2d2ds as the GPU image lacks them, runs the kernels in the Triton interpreter,
-# a few kernel tests spread over every file and every benchmark at a tiny size (--smoke), with 3x the budgets.
+# rest), hides webdataset, tensorboard and the editable install of r2d2ds as the GPU image lacks them, runs the
+# kernels in the Triton interpreter, a few kernel tests spread over every file and every benchmark at a tiny size
+# (--smoke; bench_step.py --tiny), with 3x the budgets. deepspeed (and its dependencies) comes from the wheels on
+# the GPU machine and from the environment in the rehearsal, which cannot build its wheel without network; the
+# env phase records which.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REHEARSE=0
@@ -35,6 +40,10 @@ trap 'rm -rf "$TMP"' EXIT
 SITE="$TMP/site"
 SMOKE=()
 KERNEL_TESTS=()
+# bench_step.py's presets (ViT-B/16 + BERT-base, two 6-layer cross encoders, 224 px, B = 128; ViT-L/14, B = 64):
+# 2 untimed steps (Triton compiles, allocator growth), 5 timed; GradCache off and on (32-row chunks) for ViT-B/16.
+STEP_B16=(--model vit-b16 --gradcache-chunk 32 --warmup 2 --steps 5)
+STEP_L14=(--model vit-l14 --warmup 2 --steps 5)
 BUDGET_SCALE=1
 PATH_FRONT="$SITE"
 
@@ -42,7 +51,7 @@ if ((REHEARSE)); then
   WHEELS="$TMP/wheels"
   bash benchmarks/prepare_gpu_check.sh --rehearse --wheels "$WHEELS" >"$OUT/prepare.log" 2>&1 ||
     { cat "$OUT/prepare.log"; echo "error: building the r2d2ds wheel failed" >&2; exit 1; }
-  for mod in deepspeed webdataset; do  # absent on the GPU image: the check must not need them
+  for mod in webdataset tensorboard; do  # absent on the GPU image: the check must not need them
     mkdir -p "$TMP/absent/$mod"
     echo "raise ImportError('$mod is not installed on the GPU machine (gpu_check.sh --rehearse)')" \
       >"$TMP/absent/$mod/__init__.py"
@@ -58,6 +67,8 @@ PYEOF
   export TRITON_INTERPRET=1
   SMOKE=(--smoke)
   KERNEL_TESTS=(--max-tests "${R2D2DS_REHEARSE_TESTS:-6}")
+  STEP_B16=(--tiny --gradcache-chunk 4 --warmup 1 --steps 2 --matmul-n 128)  # the same code path, tiny
+  STEP_L14=(--tiny --warmup 1 --steps 2 --matmul-n 128)
   BUDGET_SCALE=3  # a shared CI machine is slow and its timings mean nothing: only a hang should time out
 fi
 
@@ -88,13 +99,39 @@ phase() {  # phase NAME BUDGET_S COMMAND...: run COMMAND under its own time budg
   echo "   exit $rc after $((SECONDS - t0)) s"
 }
 
-# One line per phase (name = the JSON it writes; budget in seconds; the budgets add up to 7 minutes).
-phase env 20 "${PY[@]}" benchmarks/gpu_env.py --site "$SITE" --out "$OUT"
-phase kernel_tests 150 env R2D2DS_AUTOTUNE=0 "${PY[@]}" benchmarks/run_kernel_tests.py --site "$SITE" --out "$OUT" \
+# Slot: the largest batch GradCache fits on one GPU. Its command goes into `cmd` below (GPU size, and a tiny CPU
+# form for --rehearse); it must write OUT/gradcache_max_batch.json. While `cmd` is empty the phase is not run and
+# its 40 s stay unspent.
+gradcache_max_batch() {
+  local cmd=()
+  if ((REHEARSE)); then
+    cmd=()
+  else
+    cmd=()
+  fi
+  if ((${#cmd[@]} == 0)); then
+    echo "== gradcache_max_batch: no command yet, not run"
+    return 0
+  fi
+  phase gradcache_max_batch 40 "${cmd[@]}"
+}
+
+# One line per phase (name = the JSON it writes; budget in seconds). The budgets add up to 435 s, 475 s with the
+# GradCache slot: with the wheel install and the summary, about 8 minutes of the GPU. The step phases come after the
+# kernel phases, whose Triton compilations (same single config) they then find in the cache; they run with one
+# autotune config too (R2D2DS_AUTOTUNE=0), so a first call never benchmarks a tile list inside a timed budget.
+phase env 15 "${PY[@]}" benchmarks/gpu_env.py --site "$SITE" --out "$OUT"
+phase kernel_tests 110 env R2D2DS_AUTOTUNE=0 "${PY[@]}" benchmarks/run_kernel_tests.py --site "$SITE" --out "$OUT" \
   "${KERNEL_TESTS[@]}"
-phase ceilings 20 "${PY[@]}" benchmarks/gpu_ceilings.py --out "$OUT" "${SMOKE[@]}"
-phase contrastive_gpu 150 "${PY[@]}" benchmarks/bench_contrastive_gpu.py --out "$OUT" --budget-s 120 "${SMOKE[@]}"
-phase cross_attention 80 "${PY[@]}" benchmarks/bench_cross_attention.py --out "$OUT" "${SMOKE[@]}"
+phase ceilings 15 "${PY[@]}" benchmarks/gpu_ceilings.py --out "$OUT" "${SMOKE[@]}"
+phase roofline 10 "${PY[@]}" benchmarks/roofline.py --ceilings "$OUT/ceilings.json" --out "$OUT"
+phase contrastive_gpu 80 "${PY[@]}" benchmarks/bench_contrastive_gpu.py --out "$OUT" --budget-s 65 "${SMOKE[@]}"
+phase cross_attention 65 "${PY[@]}" benchmarks/bench_cross_attention.py --out "$OUT" "${SMOKE[@]}"
+phase step_b16 85 env R2D2DS_AUTOTUNE=0 "${PY[@]}" benchmarks/bench_step.py --out "$OUT" --json step_b16.json \
+  "${STEP_B16[@]}"
+phase step_l14 55 env R2D2DS_AUTOTUNE=0 "${PY[@]}" benchmarks/bench_step.py --out "$OUT" --json step_l14.json \
+  "${STEP_L14[@]}"
+gradcache_max_batch
 
 "${PY[@]}" benchmarks/summarize_gpu.py "$OUT" --check >"$OUT/summary.md"
 status=$?

@@ -57,6 +57,14 @@ def main() -> int:
         if where is not None and not where.is_relative_to(site):
             problems.append(f"{mod} imported from {where}, not from the installed wheel under {site}")
     env["r2d2ds_version"] = version("r2d2ds")
+    # The step phases need deepspeed, which the GPU image lacks: from the wheels there (with its dependencies,
+    # benchmarks/prepare_gpu_check.sh), from the environment in the CPU rehearsal. Recorded, not required here:
+    # without it only the step phases fail, and their logs say why.
+    env["deepspeed"] = version("deepspeed")
+    try:
+        env["deepspeed_from"] = str(Path(importlib.import_module("deepspeed").__file__).resolve().parent)
+    except Exception as e:  # noqa: BLE001
+        env["deepspeed_from"] = f"does not import: {type(e).__name__}: {e}"
     env["import_isolation"] = "ok" if not problems else "; ".join(problems)
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, "env.json").write_text(json.dumps(env, indent=2) + "\n")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the CPU machine (with network) before a GPU check: puts every wheel the GPU image lacks into .gpu_wheels/
 # (git ignores it; the device run carries it): r2d2ds itself (so that kernels/ imports as r2d2ds.kernels), pytest
-# and its dependencies and scipy (the kernel tests), inf-cl (the contrastive benchmark's baseline), and deepspeed,
+# and its dependencies and scipy (the kernel tests), inf-cl (the contrastive benchmark's baseline), deepspeed and
+# the dependencies the image lacks (the step phases: bench_step.py trains through a ZeRO-2 engine), and
 # webdataset, braceexpand (not used by the check; there so the image can run more). The GPU image has Python
 # 3.12, torch, triton, transformers, timm, numpy and mpi4py (DESIGN.md section 7).
 #
@@ -47,5 +48,8 @@ python -m pip download -q "${FOR_GPU[@]}" pytest pluggy iniconfig pygments packa
 python -m pip download -q "${FOR_GPU[@]}" inf-cl braceexpand ||
   echo "warning: inf-cl has no wheel for the GPU image: its benchmark row will say so" >&2
 python -m pip wheel -q --no-deps -w "$W" deepspeed webdataset
+# deepspeed's requirements beyond torch, numpy, packaging and tqdm (which the image has), resolved together so
+# pydantic gets the pydantic-core it pins (that download resolves dependencies: no --no-deps)
+python -m pip download -q "${FOR_GPU[@]:1}" hjson msgpack psutil py-cpuinfo "pydantic>=2" einops ninja
 ls -la "$W"
 du -sh "$W"

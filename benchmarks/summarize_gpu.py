@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 VERSION_KEYS = ("gpu", "python", "torch", "cuda", "triton", "transformers", "timm", "numpy", "pytest", "scipy",
-                "r2d2ds_version", "r2d2ds_from", "r2d2ds.kernels_from", "import_isolation", "date")
+                "deepspeed", "r2d2ds_version", "r2d2ds_from", "r2d2ds.kernels_from", "deepspeed_from",
+                "import_isolation", "date")
 COUNT_KEYS = ("passed", "failed", "skipped", "errors", "xfailed", "xpassed", "deselected", "finished", "wall_s")
 
 
@@ -25,7 +26,8 @@ def fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    """Scalar columns only: nested values (per-part FLOPs, per-kernel times) stay in the JSON."""
+    cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

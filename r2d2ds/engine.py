@@ -188,6 +188,10 @@ def build_engine(module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=copy.deepcopy(ds_config))
     share_fp32_master(engine)
+    from r2d2ds.distributed.overlap import overlap_grad_average
+
+    # ZeRO-0 in fp32: the gradient all-reduce runs during the backward (as DDP's) instead of after it
+    engine.r2d2ds_grad_average = overlap_grad_average(engine)
     return engine
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("## versions", "## phases", "## kernel tests", "## ceilings", "## contrastive_gpu", "## cross_attention")
+SECTIONS = ("## versions", "## phases", "## kernel tests", "## ceilings", "## roofline", "## contrastive_gpu",
+            "## cross_attention", "## step_b16", "## step_l14")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -42,6 +43,12 @@ def test_rehearsal_runs_every_phase_from_the_installed_wheel(tmp_path):
     assert tests["finished"] and tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0, tests
     rows = json.loads((out / "contrastive_gpu.json").read_text())["rows"]
     assert {r["method"] for r in rows if "ms" in r} >= {"ours", "naive", "ours-full"}, rows
+    # the step phases: the full R2D2 step through a ZeRO-2 engine, GradCache off and on (tiny on the CPU)
+    b16, l14 = (json.loads((out / f"{name}.json").read_text()) for name in ("step_b16", "step_l14"))
+    assert b16["finished"] and [r["gradcache_chunk"] for r in b16["rows"]] == [0, 4], b16["rows"]
+    assert l14["finished"] and len(l14["rows"]) == 1
+    assert all(r["zero_stage"] == 2 and r["samples_per_s"] > 0 for r in b16["rows"] + l14["rows"])
+    assert not b16["meta"]["triton_autotune"] and env["deepspeed_from"].startswith("/"), env["deepspeed_from"]
 
 
 def _fake_site(folder: Path) -> Path:

@@ -49,3 +49,30 @@ def test_written_after_each_run(tmp_path):
     md = (tmp_path / "vs_openclip.md").read_text()
     assert "**1.05**" in md and "1 of 3 repeats done" in md and "3.0, 2.0, 1.0" in md
     assert "deepspeed ... train.py --data.micro_batch=32" in md and "torchrun ... --batch-size 32" in md
+
+
+def test_int_id_shards_map_string_ids_and_keep_every_other_byte(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from r2d2ds.data import key_to_image_id
+
+    src, members = tmp_path / "src", {"000.jpg": b"\xff\xd8jpeg", "000.txt": "狗".encode(),
+                                     "000.json": json.dumps({"key": "000", "image_id": "2513260012_03d33305cf",
+                                                             "caption": "狗"}).encode(),
+                                     "001.json": json.dumps({"key": "001", "image_id": 7}).encode()}
+    src.mkdir()
+    with tarfile.open(src / "00000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = bench.int_id_shards(src, ["00000.tar"], tmp_path / "dst")
+    with tarfile.open(out / "00000.tar") as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar}
+    assert list(got) == list(members)  # same members, same order
+    assert got["000.jpg"] == members["000.jpg"] and got["000.txt"] == members["000.txt"]
+    assert json.loads(got["000.json"]) == {"key": "000", "image_id": key_to_image_id("2513260012_03d33305cf"),
+                                           "caption": "狗"}
+    assert got["001.json"] == members["001.json"]  # an int id is left as it is
