@@ -1,52 +1,86 @@
 """GradCache (Gao et al., 2021) for R2D2: global batches far beyond one micro step's activation memory, with the
 same parameter gradients as one step on the whole batch.
 
-One optimizer step over a rank batch of B rows, cut into chunks of `chunk_size` rows:
+One optimizer step over a rank batch of B rows, cut into chunks of `chunk_size` rows (B_c):
 
   pass 1 (one engine forward, no grad): per chunk, save the CPU/CUDA RNG states, run both towers (and the EMA
     teacher's towers for TgD) -> (B, D) embeddings. On them: GCPR/TgD over the GLOBAL batch (the fused O(B*D)
     `contrastive_loss`) and their gradient w.r.t. the local embeddings and the logit scale, cached
     (B, D) + (B, D) + 1 floats; the MLM masks and the FGR hard negatives for the whole rank batch, drawn in the
     same generator order as the objective's one-shot forward, so both pick the same ones.
-  pass 2 (one engine micro step per chunk): restore the chunk's RNG state, re-run the towers WITH gradient
-    (same dropout masks as pass 1, so the cached gradient belongs to these activations), and back-propagate
+  then engine micro steps per chunk that re-run the towers WITH gradient from the chunk's saved RNG state (same
+    dropout masks as pass 1, so the cached gradient belongs to these activations) and back-propagate
       surrogate = <img_emb, g_img> + <txt_emb, g_txt> + scale * g_scale * (rows / B)
-    together with the ranking stage of this chunk's rows: both cross encoders on its B_c positives and 2 B_c
-    hard negatives (FGR), MLM and FgD on its masked texts. Every term is a mean over the rank batch in the
-    one-shot objective (weighted ITM mean, mean over masked tokens, mean over valid tokens); here each chunk
-    contributes its SUM divided by the rank batch's denominator, counted in pass 1, so the chunk losses add up
-    to the one-shot loss exactly.
+    with the ranking stage: both cross encoders on the chunk's B_c positives and 2 B_c hard negatives (FGR), MLM
+    and FgD on its masked texts. Every term is a mean over the rank batch in the one-shot objective (weighted
+    ITM mean, mean over masked tokens, mean over valid tokens); here each chunk contributes its SUM divided by
+    the rank batch's denominator, counted in pass 1, so the chunk losses add up to the one-shot loss exactly.
 
-Negatives that live in another chunk or on another rank ("reembed", the default) are run through the towers again
-inside the chunk, with gradient, from their raw inputs (fetched from the owner rank with FGR's exchange plan,
-r2d2ds/distributed/exchange.py): the towers receive exactly the gradient they get through the negatives' tokens in
-the one-shot step (there it reaches the owner's replica through the all-to-all's backward; here this rank's
-replica; the data-parallel average makes them the same). "detached" runs them (and in-chunk negatives) without
-gradient: cheaper (no backward through, and no activations kept for, up to 2 B_c extra tower rows per chunk),
-and it DROPS the gradient of FGR w.r.t. the tower
-parameters through the negative side of each negative pair (the image tower through negative images, the text
-tower through negative texts); the cross encoders, heads and the positive sides keep their exact gradients.
-With dropout on, a re-embedded negative draws its own dropout mask (the one-shot step reuses its row's mask).
+FGR's negatives live in other chunks and on other ranks; how their towers get the gradient that flows through
+them (train.gradcache_negatives):
+
+  "cached" (default; exact, dropout included): pass 1 also keeps the token sequences the cross encoders consume,
+    image (B, N, Wi) and text (B, L, Wt), for the whole rank batch, and
+    pass 2 (ranking; one engine micro step per chunk, `rank_pass`): the rows of the cache the chunk touches (its
+      positives, its negatives held here, the rows other ranks ask for) become ONE leaf with requires_grad; the
+      remote negatives arrive through FGR's exchange (r2d2ds/distributed/exchange.py), whose backward returns
+      their gradient to the owner rank's leaf. Both cross encoders score the chunk's pairs; engine.backward
+      gives the cross encoders' parameter gradients and the leaves' gradients, which are added (fp32, divided
+      by the engine's loss scale) into token gradients G_img (B, N, Wi), G_txt (B, L, Wt).
+    pass 3 (towers; one engine micro step per chunk, `tower_pass`): the towers again from the chunk's RNG state,
+      back-propagating surrogate + <img_tokens, G_img> + <txt_tokens, G_txt>, plus MLM/FgD on the chunk's
+      masked texts (their own text-tower forward, against the chunk's image tokens).
+    A negative's tokens are its row's tokens (the dropout mask its row drew), as in the one-shot step.
+    Cost: the towers run forward twice and backward once (one-shot: once and once), the cross encoders as in
+    the one-shot step. Engine micro steps: 2 per chunk (1 without FGR: no pass 2).
+    Memory: the token cache, B x (N Wi + L Wt) values in the towers' dtype plus as many fp32 gradients, held
+    for the step (ViT-B/16 at 224 px + BERT-base at 64 tokens: 261 x 768 values, 1.2 MB per sample in bf16
+    with fp32 gradients), instead of O(B x D); activations per chunk as in the other modes, without negatives.
+    RNG: only the towers are replayed; the cross encoders (pass 2) and the masked-text tower and text-query
+    encoder (pass 3) draw from the global stream, each draw once per step.
+  "reembed" (exact without dropout): no pass 2; each chunk's micro step re-runs the towers, with gradient, on
+    the negatives from other chunks/ranks from their raw inputs (fetched from the owner rank with FGR's
+    exchange plan): the towers receive exactly the gradient they get through the negatives' tokens in the
+    one-shot step (there it reaches the owner's replica through the all-to-all's backward; here this rank's
+    replica; the data-parallel average makes them the same). With dropout on, a re-embedded negative draws its
+    own dropout mask (the one-shot step reuses its row's): not exact. Cost: per chunk the towers also run
+    forward and backward on up to 2 B_c negatives, up to ~3x the towers' work of the one-shot step, plus pass
+    1's forward. Memory: O(B x D) + the raw inputs; a chunk's activations include its negatives' (up to 3 B_c
+    tower rows). The ranking stage continues the chunk's replayed RNG stream.
+  "detached": as "reembed" but the negatives (and in-chunk negatives) run without gradient: cheaper (no
+    backward through, and no activations kept for, up to 2 B_c extra tower rows per chunk), and it DROPS the
+    gradient of FGR w.r.t. the tower parameters through the negative side of each negative pair (the image
+    tower through negative images, the text tower through negative texts); the cross encoders, heads and the
+    positive sides keep their exact gradients.
 
 DeepSpeed: each chunk's forward + `engine.backward` + `engine.step` is one engine micro step, so the engine's
-gradient-accumulation boundary semantics hold (gradient_accumulation_steps = passes x chunks): ZeRO-2/3 reduce
-each micro step's gradients once in their backward epilogue and the optimizer steps once at the boundary. The
-failure "Gradient computed twice for this partition" of naive GradCache comes from calling `backward()` several
-times inside ONE engine micro step (the reduce hooks fire per backward, the per-step bookkeeping is reset only
-by the engine's epilogue); here there is exactly one backward per engine forward. `backward(...,
-scale_wrt_gas=False)`: the chunk losses already sum to the rank batch's loss, so the engine's 1/GAS division
-would be wrong; we divide by the number of GradCache passes per step ourselves (same as plain accumulation).
-Loss scaling (fp16) is linear, so a scaled surrogate yields the scaled gradient; bf16/fp32 need none.
+gradient-accumulation boundary semantics hold (gradient_accumulation_steps = passes x chunks x micro steps per
+chunk, `BatchPlan.engine_accum`): ZeRO-2/3 reduce each micro step's gradients once in their backward epilogue
+and the optimizer steps once at the boundary. The failure "Gradient computed twice for this partition" of naive
+GradCache comes from calling `backward()` several times inside ONE engine micro step (the reduce hooks fire per
+backward, the per-step bookkeeping is reset only by the engine's epilogue); here there is exactly one backward
+per engine forward. `backward(..., scale_wrt_gas=False)`: the chunk losses already sum to the rank batch's loss,
+so the engine's 1/GAS division would be wrong; we divide by the number of GradCache passes per step ourselves
+(same as plain accumulation). Loss scaling (fp16) is linear, so a scaled surrogate yields the scaled gradient;
+the token gradients read back from the leaves are divided by the engine's loss scale before they enter pass 3,
+which the engine scales again. bf16/fp32 need none.
 
 ZeRO-3 gathers a module's parameters (an all-gather, collective) when the module runs, so every rank must run the
-same modules in the same order: each chunk runs the negatives' towers on every rank even with nothing to
-re-embed (`_negative_tokens`). Its prefetcher replays the module order recorded in one engine forward in the
-next; pass 1 (towers only, chunk after chunk) has another order than the chunk passes, which all share one, so the
-trace is dropped once per step ("Invalidate trace cache" in DeepSpeed's debug log): pass 1 and the first chunk
-fetch on demand, later chunks prefetch; gradients and the release of gathered parameters are unaffected
-(tests/training/test_gradcache_engine.py). Activation checkpointing (model.activation_checkpointing) stays exact
-here: a block's recompute replays the RNG state its (replayed) forward saw.
+same modules in the same order: in "reembed"/"detached" each chunk runs the negatives' towers on every rank even
+with nothing to re-embed (`_negative_tokens`); in "cached" the ranking and tower passes run the same modules on
+every rank whatever the negatives, and the exchange (forward and its backward, both collectives) runs in every
+chunk on every rank. ZeRO-3 copies (rather than adds) a parameter's gradient partition only in a step's micro
+step 0, so every trainable parameter must get a gradient there: "cached"'s first ranking micro step adds a zero
+one-row pass through the parts it does not otherwise reach (`_zero_touch`). Its prefetcher replays the module
+order recorded in one engine forward in the next; pass 1 (towers only, chunk after chunk) has another order than
+the chunk passes, which all share one, so the trace is dropped once per step ("Invalidate trace cache" in
+DeepSpeed's debug log; "cached": once per pass type, at most 4 per step, whatever the number of chunks): the first
+forward of each kind fetches on demand, later chunks prefetch; gradients and the release of gathered parameters
+are unaffected (tests/training/test_gradcache_engine.py). Activation checkpointing
+(model.activation_checkpointing) stays exact here: a block's recompute replays the RNG state its (replayed)
+forward saw.
 """
+
 
 from __future__ import annotations
 
@@ -430,10 +464,28 @@ def _leaf_rows(tokens: Tensor, pos_rows: Tensor, plan: RowExchange) -> tuple[Ten
     return rows, leaf, leaf.index_select(0, at(pos_rows)), on_leaf.fetch(leaf)
 
 
-def rank_pass(obj, batch: dict, teacher, cache: _Cache, c: int) -> dict[str, Tensor]:
+def _zero_touch(obj, batch: dict) -> Tensor:
+    """0 x (a one-row pass through every trainable part the ranking pass does not reach: towers, projections,
+    temperature, MLM head): exact zero gradients. Added to the FIRST micro step of a step under ZeRO-3, whose
+    gradient partitions are copied (not added) only in a step's micro step 0 (stage3.py `partition_grads`,
+    `micro_step_id == 0`): a parameter whose first gradient of the step came later would be ADDED to the
+    previous step's stale partition. Forked RNG: the global stream stays where it was."""
+    model, lc = obj.model, obj.loss_cfg
+    device = batch["input_ids"].device
+    with _replay_rng(_rng_state(device), device):
+        _, img_emb = model.encode_image(batch["image"][:1])
+        txt_tokens, txt_emb = model.encode_text(batch["input_ids"][:1], batch["attention_mask"][:1])
+        z = img_emb.float().sum() + txt_emb.float().sum() + model.logit_scale()
+        if lc.mlm_weight > 0:
+            z = z + model.mlm_logits(txt_tokens[:, 0]).float().sum()
+    return 0.0 * z
+
+
+def rank_pass(obj, batch: dict, teacher, cache: _Cache, c: int, touch: bool = False) -> dict[str, Tensor]:
     """"cached" pass 2 for chunk `c`: both cross encoders on its positives and hard negatives, from leaves of the
     token cache (no tower runs). The leaves are left in `cache.leaves` for the driver to collect their
-    gradients after the engine's backward. Every rank runs the same modules and collectives every chunk."""
+    gradients after the engine's backward. Every rank runs the same modules and collectives every chunk.
+    `touch`: add `_zero_touch` (ZeRO-3, first chunk)."""
     sl = cache.chunks[c]
     mask = batch["attention_mask"]
     device = mask.device
@@ -449,7 +501,8 @@ def rank_pass(obj, batch: dict, teacher, cache: _Cache, c: int) -> dict[str, Ten
     cache.leaves = [(t_rows, t_leaf, "txt"), (i_rows, i_leaf, "img")]
     # The cross encoders' dropout draws from the global stream (once per step, like every other draw here).
     terms = _itm_terms(obj, cache, sl, (img_pos, txt_pos, mask[sl]), (neg_img_tok, neg_txt_tok, neg_mask))
-    return _total(obj, txt_pos.new_zeros((), dtype=torch.float32), terms)
+    zero = _zero_touch(obj, batch) if touch else txt_pos.new_zeros((), dtype=torch.float32)
+    return _total(obj, zero, terms)
 
 
 def tower_pass(obj, batch: dict, teacher, cache: _Cache, c: int) -> dict[str, Tensor]:
@@ -534,9 +587,10 @@ class GradCache:
                 cache.g_txt_tok = torch.zeros(cache.txt_tok.shape, dtype=torch.float32, device=cache.txt_tok.device)
                 # A leaf's gradient = loss scale x d(chunk loss)/d(tokens) / passes: keep d(pass loss)/d(tokens).
                 unscale = self.plan.grad_accum / _loss_scale(engine)
+                zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
                 for c in range(len(chunks)):
                     self._micro_step(engine, batch, teacher, seed, autocast, sums=sums,
-                                     run=lambda obj, b, t, s, c=c: rank_pass(obj, b, t, cache, c))
+                                     run=lambda obj, b, t, s, c=c: rank_pass(obj, b, t, cache, c, touch=c == 0 and zero3))
                     for rows, leaf, kind in cache.leaves:  # incl. gradients other ranks sent back for our rows
                         g = cache.g_img_tok if kind == "img" else cache.g_txt_tok
                         g.index_add_(0, rows, leaf.grad.float(), alpha=unscale)
