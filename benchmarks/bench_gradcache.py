@@ -257,8 +257,8 @@ def markdown(meta: dict, rows: list[dict], s: dict, chunk: int, world: int) -> s
             "|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
         lines += [f"| {b} | {s['time_ratio'][b]:.2f} | {s['peak_ratio'][b]:.2f} | "
-                  f"{'met' if s['time_ratio'][b] <= 1.5 else 'NOT met'} | {tr.get(b, nan):.2f} | {pr.get(b, nan):.2f} | "
-                  f"{td.get(b, nan):.2f} | {pd.get(b, nan):.2f} |" for b in s["sizes"]]
+                  f"{'met' if s['time_ratio'][b] <= 1.5 else 'NOT met'} | {tr.get(b, nan):.2f} | "
+                  f"{pr.get(b, nan):.2f} | {td.get(b, nan):.2f} | {pd.get(b, nan):.2f} |" for b in s["sizes"]]
         worst_t = max(s["time_ratio"].values())
         lines += [
             "",

@@ -21,6 +21,10 @@ the whole phase keeps what was measured.
     python -P benchmarks/bench_gradcache_gpu.py --out OUT --budget-s 300   # GPU -> OUT/gradcache_gpu.json
     python benchmarks/bench_gradcache_gpu.py --tiny --out OUT              # CPU rehearsal (CI), seconds
 
+`fit` (GPU): peak memory = a + b x batch fitted over the trials that fitted, and the batch at which it would
+reach the device's memory, `estimated_max_batch`: an extrapolation, labelled as such, for when the search stops at
+the budget.
+
 --tiny: bench_step's tiny preset on the CPU (fp32: precision "auto"), a simulated memory limit: the image tower
 raises torch.cuda.OutOfMemoryError in the middle of the forward when it sees more than --tiny-cap-rows rows (the
 plain step runs it on the whole batch, GradCache on a chunk), so the search, the mid-step OOM recovery and the
@@ -63,6 +67,16 @@ def device_batch(b: int, image_size: int, text_len: int, device: torch.device, s
             "image_id": torch.arange(b, device=device) // 2}
 
 
+def _repeat(batch: dict):
+    while True:
+        yield dict(batch)  # train_step pops bookkeeping keys from its copy
+
+
+def _is_oom(err: BaseException) -> bool:
+    """CUDA OOM, also when it surfaces as a plain RuntimeError (inside a collective, cuBLAS workspace, ...)."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 def _allocated_gib(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
 
@@ -88,7 +102,7 @@ def trial(mode: str, b: int, args, tmp: Path, limit: _SimulatedLimit | None) -> 
         sets += [f"train.global_batch={b}", f"train.chunk_size={min(args.chunk, b)}"]
     res: dict = {"mode": mode, "batch": b}
     t0 = time.perf_counter()
-    tr = batch = None
+    tr = batch = it = None
     try:
         cfg = bench_step.build_config(args.preset, b, args.steps, args.ds_config, sets, tmp)
         tr = bench_step.SyntheticTrainer(cfg, tmp)
@@ -101,11 +115,7 @@ def trial(mode: str, b: int, args, tmp: Path, limit: _SimulatedLimit | None) -> 
             torch.cuda.reset_peak_memory_stats(dev)
         res["build_s"] = time.perf_counter() - t0
 
-        def batches():
-            while True:
-                yield dict(batch)  # train_step pops bookkeeping keys from its copy
-
-        it = batches()
+        it = _repeat(batch)
         t1 = time.perf_counter()
         for _ in range(args.steps):
             tr.train_step(it)
@@ -120,16 +130,22 @@ def trial(mode: str, b: int, args, tmp: Path, limit: _SimulatedLimit | None) -> 
         if tr.plan.gradcache:
             res["chunk"] = tr.plan.chunk_size
             res["engine_micro_steps"] = tr.plan.engine_accum
-    except torch.cuda.OutOfMemoryError as err:  # the exception (and its frames' tensors) dies with this block
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # the exception and its frames' tensors die here
+        if not _is_oom(err):
+            raise
         res["fits"] = False
         res["oom"] = str(err).splitlines()[0][:300]
     finally:
         engine = getattr(tr, "engine", None)
-        if engine is not None:
+        if engine is not None and hasattr(engine, "destroy"):  # releases the optimizer's buffers and hooks
             engine.destroy()
-        del tr, batch, engine
+        del tr, batch, engine, it  # `it` holds the batch in its frame
         gc.collect()
         if torch.cuda.is_available():
+            try:
+                torch.cuda.synchronize()  # kernels still queued on side streams (overlap_comm) hold blocks
+            except RuntimeError:
+                pass
             torch.cuda.empty_cache()
             res["residual_gib"] = _allocated_gib(torch.device("cuda", torch.cuda.current_device()))
     res["wall_s"] = time.perf_counter() - t0
@@ -179,7 +195,20 @@ def search(mode: str, args, budget_s: float, record, tmp: Path, limit: _Simulate
             break
     best = next((t for t in trials if t.get("fits") and t["batch"] == fit), None)
     best = best or {}
-    return {"mode": mode, "largest_fit": fit, "smallest_oom": oom, "limited_by": limited_by,
+    # Peak memory against the batch over the trials that fitted (least squares, a + b x batch) and the batch at
+    # which it would reach the device's memory: an ESTIMATE (extrapolated), beside the measured largest_fit.
+    pts = [(t["batch"], t["peak_allocated_gib"]) for t in trials if t.get("fits") and "peak_allocated_gib" in t]
+    fitted = {}
+    if len(pts) >= 2 and torch.cuda.is_available():
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        var = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+        fitted = {"peak_gib_intercept": my - slope * mx, "peak_mib_per_sample": slope * 1024,
+                  "device_gib": total, "estimated_max_batch": int((total - (my - slope * mx)) / slope)
+                  if slope > 0 else None}
+    return {"mode": mode, "largest_fit": fit, "smallest_oom": oom, "limited_by": limited_by, "fit": fitted,
             # torch.cuda.max_memory_allocated on a GPU; the process's peak RSS in the CPU rehearsal
             "peak_gib_at_largest": best.get("peak_allocated_gib", best.get("peak_rss_gib")),
             "step_s_at_largest": best.get("step_s"), "trials": trials}
@@ -200,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["plain", "gradcache"], choices=["plain", "gradcache"])
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="r2d2ds config override")
-    p.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, simulated memory limit")
+    p.add_argument("--tiny", "--smoke", action="store_true", help="CPU rehearsal: tiny model, simulated memory limit")
     p.add_argument("--tiny-cap-rows", type=int, default=24, help="--tiny: image-tower rows that 'fit'")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()

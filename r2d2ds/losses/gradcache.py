@@ -590,7 +590,8 @@ class GradCache:
                 zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
                 for c in range(len(chunks)):
                     self._micro_step(engine, batch, teacher, seed, autocast, sums=sums,
-                                     run=lambda obj, b, t, s, c=c: rank_pass(obj, b, t, cache, c, touch=c == 0 and zero3))
+                                     run=lambda obj, b, t, s, c=c: rank_pass(obj, b, t, cache, c,
+                                                                             touch=c == 0 and zero3))
                     for rows, leaf, kind in cache.leaves:  # incl. gradients other ranks sent back for our rows
                         g = cache.g_img_tok if kind == "img" else cache.g_txt_tok
                         g.index_add_(0, rows, leaf.grad.float(), alpha=unscale)
