@@ -8,8 +8,9 @@ DeepSpeed engine, torch AdamW) on a synthetic batch made on the device, for --st
   plain      one micro step on the whole batch (data.micro_batch = B)
   gradcache  train.global_batch = B in chunks of --chunk rows (train.gradcache_negatives = cached, the default)
 
-Search per mode: double B from --start while a trial fits, then bisect between the largest batch that fitted and
-the smallest that ran out of memory (torch.cuda.OutOfMemoryError) until they are --resolution apart (relative).
+Search per mode: double B from --start (GradCache: --gc-start) while a trial fits, then bisect between the largest
+batch that fitted and the smallest that ran out of memory (torch.cuda.OutOfMemoryError) until they are
+--resolution apart (relative).
 After every trial, fitted or not, the trainer is torn down (engine.destroy, every reference dropped, gc,
 torch.cuda.empty_cache) and the memory still allocated is recorded (`residual_gib`; it must stay near 0 or later
 trials would fail early, and the JSON says so). A trial is not started when its predicted time (the last trial's
@@ -157,7 +158,7 @@ def search(mode: str, args, budget_s: float, record, tmp: Path, limit: _Simulate
     t_end = time.perf_counter() + budget_s
     trials: list[dict] = []
     fit, oom = 0, None
-    b = args.chunk if mode == "gradcache" else args.start
+    b = max(args.chunk, args.gc_start) if mode == "gradcache" else args.start
     limited_by = None
     while True:
         if b > args.max_batch:
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="wall clock for the whole search (both modes)")
     p.add_argument("--plain-share", type=float, default=0.35, help="share of the budget for the plain mode")
     p.add_argument("--chunk", type=int, default=64, help="train.chunk_size of the GradCache mode")
-    p.add_argument("--start", type=int, default=16, help="first batch of the plain mode (GradCache: one chunk)")
+    p.add_argument("--start", type=int, default=None, help="first batch of the plain mode (default 64; --tiny 16)")
+    p.add_argument("--gc-start", type=int, default=None, help="first batch of the GradCache mode (default 1024, "
+                   "which fits by the README's estimate, so no build is spent on small batches; --tiny: one chunk)")
     p.add_argument("--max-batch", type=int, default=1 << 20)
     p.add_argument("--resolution", type=float, default=0.1, help="bisect until (oom - fit) <= this x fit")
     p.add_argument("--granularity", type=int, default=8, help="batches are multiples of this in the bisection")
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-cap-rows", type=int, default=24, help="--tiny: image-tower rows that 'fit'")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
+    args.start = args.start or (16 if args.tiny else 64)
+    args.gc_start = args.gc_start or (0 if args.tiny else 1024)
     if args.tiny:
         args.preset, limit = "tiny", _SimulatedLimit(args.tiny_cap_rows)
         if args.max_batch == 1 << 20:
