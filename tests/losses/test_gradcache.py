@@ -327,7 +327,7 @@ def test_full_loss_matches_one_step(chunk):
     assert r[f"full/chunk{chunk}/out"]["fgr/remote_frac"] > 0  # negatives from the other rank are re-embedded
     # The logged terms are the rank batch's, equal to the one-shot objective's.
     out, ref = r[f"full/chunk{chunk}/out"], r["full/ref/out"]
-    for k in ("loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"):
+    for k in ("loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm", "logit_scale"):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
 
 
@@ -340,7 +340,7 @@ def test_two_passes_per_step_match_two_accumulated_micro_steps(mode):
 def test_reembed_negatives_match_one_step_without_dropout():
     r = _results()
     _assert_grads_equal(r["full/reembed"], r["full/ref"])
-    for k in ("loss", "loss/fgr", "loss/mlm", "acc/itm"):
+    for k in ("loss", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm", "logit_scale"):
         assert r["full/reembed/out"][k].item() == pytest.approx(r["full/ref/out"][k].item(), rel=1e-5, abs=1e-6), k
 
 
