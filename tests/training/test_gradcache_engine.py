@@ -5,9 +5,11 @@ After ONE optimizer step, the parameters of a GradCache run (chunks as engine mi
 the accumulation boundary) must equal those of a non-cached run on the same global batch (one micro step, no
 checkpointing). SGD with lr 1 and no clipping makes the parameter change the averaged gradient itself, so a wrong
 1/GAS factor, a double reduction or a lost chunk shows up (Adam's first step, ~lr x sign(g), would hide a scale
-error). ZeRO-3 gets its own job: several steps (the prefetch trace of one forward is applied to the next),
-parameters re-partitioned after every step, dropout with checkpointing, and ranks that re-embed different
-numbers of negatives. Each job runs all its configurations in ONE spawned job (each engine costs seconds).
+error). Both modes ("cached", the default, and "reembed"). ZeRO-3 gets its own job: several steps (the prefetch
+trace of one forward is applied to the next; ZeRO-3 copies gradient partitions only at a step's first micro step,
+and a ZeRO-1 pair runs the same several steps), parameters re-partitioned after every step, dropout with
+checkpointing, and ranks with different numbers of remote negatives. Each job runs all its configurations in ONE
+spawned job (each engine costs seconds).
 """
 
 from __future__ import annotations
@@ -182,14 +184,18 @@ def _zero3_rank_fn(rank: int, world: int, batch: dict):
     probe = _Zero3Probe()
     res: dict = {}
     # Several optimizer steps without dropout: GradCache (checkpointing off and on) against the non-cached step.
-    for name, gc, ckpt, negatives in (("plain", False, "none", "cached"), ("gc", True, "none", "cached"),
-                                      ("gc_ckpt", True, "all", "cached"), ("gc_reembed", True, "none", "reembed")):
-        engine, teacher, plan = _engine(3, "fp32", gc, ckpt, lr=0.1, negatives=negatives)
+    # ZeRO-1 too: "cached" gives some parameters their first gradient of a step after micro step 0.
+    for name, stage, gc, ckpt, negatives in (
+            ("plain", 3, False, "none", "cached"), ("gc", 3, True, "none", "cached"),
+            ("gc_ckpt", 3, True, "all", "cached"), ("gc_reembed", 3, True, "none", "reembed"),
+            ("plain_z1", 1, False, "none", "cached"), ("gc_z1", 1, True, "none", "cached")):
+        engine, teacher, plan = _engine(stage, "fp32", gc, ckpt, lr=0.1, negatives=negatives)
         res[name, "params", -1] = _params(engine)
         for step in range(STEPS):
             probe.counts.clear()
             _one_step(engine, teacher, plan, local, SEED + step)
-            res[name, "gathered", step] = _still_gathered(engine)  # before _params gathers them on purpose
+            if stage == 3:
+                res[name, "gathered", step] = _still_gathered(engine)  # before _params gathers them on purpose
             res[name, "invalidations", step] = probe.counts["invalidations"]
             res[name, "params", step] = _params(engine)
     # Dropout on: checkpointing on and off give the same step, plain and GradCache.
@@ -239,11 +245,12 @@ def _assert_same_step(got: dict, ref: dict, before: dict) -> None:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=atol, msg=n)
 
 
-@pytest.mark.parametrize("name", ["gc", "gc_ckpt", "gc_reembed"])
-def test_zero3_several_steps_match_non_cached(zero3_results, name):
+@pytest.mark.parametrize("name,plain", [("gc", "plain"), ("gc_ckpt", "plain"), ("gc_reembed", "plain"),
+                                        ("gc_z1", "plain_z1")])
+def test_several_steps_match_non_cached(zero3_results, name, plain):
     for r in zero3_results:
         for step in range(STEPS):
-            _assert_same_step(r[name, "params", step], r["plain", "params", step], r["plain", "params", step - 1])
+            _assert_same_step(r[name, "params", step], r[plain, "params", step], r[plain, "params", step - 1])
 
 
 def test_zero3_repartitions_every_parameter_after_each_step(zero3_results):
