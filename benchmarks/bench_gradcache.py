@@ -8,12 +8,13 @@ MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so RSS follows the
   peak     = VmHWM during the timed steps (absolute: imports, model, optimizer state, inputs and the step)
   extra    = peak - VmRSS after one warm-up step (what the step itself adds on top of the resident state)
 
-"gradcache" = train.chunk_size rows per engine micro step (r2d2ds/losses/gradcache.py), negatives from other
-chunks re-embedded with gradient (exact); "gradcache-detached" = the same with train.gradcache_negatives=detached;
-"plain" = the one-shot objective on the whole rank batch in one micro step. "+ckpt" = the same with
+"gradcache" = train.chunk_size rows per engine micro step (r2d2ds/losses/gradcache.py) with the default
+train.gradcache_negatives=cached (token-gradient cache: towers forward twice + backward once, exact);
+"gradcache-reembed" / "gradcache-detached" = the same with negatives from other chunks re-embedded with gradient /
+without gradient; "plain" = the one-shot objective on the whole rank batch in one micro step. "+ckpt" = the same with
 model.activation_checkpointing=all (tower blocks and cross-encoder layers recomputed in the backward). Cases run
 interleaved (every mode at each size, the order alternating) so slow phases of the shared machine hit every mode;
-read the ratios.
+read the ratios. The 1-minute load average is recorded before and after every case.
 
     python benchmarks/bench_gradcache.py                      # 64 .. 1024 -> benchmarks/results/cpu/
     python benchmarks/bench_gradcache.py --sizes 64 128 --out scratch/
@@ -22,6 +23,7 @@ read the ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -82,12 +84,13 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
     rows = global_batch // world
     plan = BatchPlan(global_batch=global_batch, world=world, grad_accum=1, rank_batch=rows,
                      chunk_size=chunk if mode.startswith("gradcache") else 0)
+    plan = dataclasses.replace(plan, negatives=mode.partition("+")[0].partition("-")[2] or "cached")
     ds = {"train_micro_batch_size_per_gpu": plan.engine_micro_batch, "gradient_accumulation_steps": plan.engine_accum,
           "train_batch_size": plan.engine_micro_batch * plan.engine_accum * world, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=obj, optimizer=opt, config=ds)
-    gradcache = GradCache(plan, "detached" if base == "gradcache-detached" else "reembed") if plan.gradcache else None
+    gradcache = GradCache(plan) if plan.gradcache else None  # plan.negatives: gradcache[-reembed|-detached]
     batch = _batch(rows, rank)
 
     def step(i: int) -> float:
@@ -102,6 +105,7 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
         dist.barrier()
         return time.perf_counter() - t0
 
+    load_before = os.getloadavg()[0]
     warm_s = step(0)  # one-time costs (optimizer state, thread stacks, allocator arenas) are not the step's
     gc.collect()
     base_kib = status_kib("VmRSS")
@@ -110,7 +114,7 @@ def _case(rank: int, world: int, mode: str, global_batch: int, chunk: int, steps
     times = [step(i + 1) for i in range(steps)]
     peak_kib = status_kib("VmHWM")
     return {"peak_mib": peak_kib / 1024, "base_mib": base_kib / 1024, "extra_mib": (peak_kib - base_kib) / 1024,
-            "step_s": min(times), "warmup_s": warm_s}
+            "step_s": min(times), "warmup_s": warm_s, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def _rank(rank: int, world: int, port: int, cases: list, chunk: int, steps: int, outdir: str) -> None:
@@ -159,7 +163,8 @@ def run_cases(cases: list, chunk: int, steps: int, world: int) -> list[dict]:
         rows.append({"mode": mode, "global_batch": global_batch, "rank_batch": global_batch // world,
                      "chunk": chunk if mode.startswith("gradcache") else None, "ranks": ranks,
                      "peak_mib": max(x["peak_mib"] for x in ranks), "extra_mib": max(x["extra_mib"] for x in ranks),
-                     "step_s": max(x["step_s"] for x in ranks)})
+                     "step_s": max(x["step_s"] for x in ranks),
+                     "load": [ranks[0]["load_before"], ranks[0]["load_after"]]})
     return rows
 
 
@@ -184,10 +189,11 @@ def summary(rows: list[dict]) -> dict:
     out["gradcache_peak_growth"] = gc_[hi]["peak_mib"] / gc_[lo]["peak_mib"]
     out["plain_peak_growth"] = plain[hi]["peak_mib"] / plain[lo]["peak_mib"]
     out["time_ratio"] = {b: gc_[b]["step_s"] / plain[b]["step_s"] for b in sizes}
-    det = {r["global_batch"]: r for r in ok if r["mode"] == "gradcache-detached"}
-    out["time_ratio_detached"] = {b: det[b]["step_s"] / plain[b]["step_s"] for b in sizes if b in det}
-    out["peak_ratio_detached"] = {b: det[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes if b in det}
     out["peak_ratio"] = {b: gc_[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes}
+    for neg in ("reembed", "detached"):
+        other = {r["global_batch"]: r for r in ok if r["mode"] == f"gradcache-{neg}"}
+        out[f"time_ratio_{neg}"] = {b: other[b]["step_s"] / plain[b]["step_s"] for b in sizes if b in other}
+        out[f"peak_ratio_{neg}"] = {b: other[b]["peak_mib"] / plain[b]["peak_mib"] for b in sizes if b in other}
     # Activation checkpointing: the same mode with and without it, side by side at each size.
     out["checkpointing"] = {}
     for mode in ("plain", "gradcache"):
@@ -200,12 +206,18 @@ def summary(rows: list[dict]) -> dict:
     ckpt_gc = {r["global_batch"]: r for r in ok if r["mode"] == "gradcache+ckpt"}
     out["time_ratio_ckpt"] = {b: ckpt_gc[b]["step_s"] / plain[b]["step_s"] for b in sizes if b in ckpt_gc}
     # Per-rank memory model from the measured points: the plain step's extra memory per sample (activations),
-    # and GradCache's per-sample slope (inputs, O(B*D) caches) plus its intercept (one chunk's activations).
+    # and GradCache's per-sample slope (inputs, O(B*D) caches, the token cache of "cached") plus its intercept
+    # (one chunk's activations).
     rb = [plain[b]["rank_batch"] for b in sizes]
     out["plain_extra_mib_per_sample"] = _fit(rb, [plain[b]["extra_mib"] for b in sizes])[1]
     a, slope = _fit(rb, [gc_[b]["extra_mib"] for b in sizes])
     out["gradcache_extra_mib_per_sample"] = slope
     out["gradcache_extra_mib_intercept"] = a
+    re_ = {r["global_batch"]: r for r in ok if r["mode"] == "gradcache-reembed"}
+    if len(set(re_) & set(sizes)) > 1:
+        both = sorted(set(re_) & set(sizes))
+        out["reembed_extra_mib_intercept"], out["reembed_extra_mib_per_sample"] = _fit(
+            [re_[b]["rank_batch"] for b in both], [re_[b]["extra_mib"] for b in both])
     return out
 
 
@@ -222,40 +234,47 @@ def markdown(meta: dict, rows: list[dict], s: dict, chunk: int, world: int) -> s
         "steps (max over ranks). The machine is SHARED with other engineers' jobs: absolute times are noisy, "
         "and the plain/GradCache cases of one size run back to back so their ratio is the figure to read.",
         "",
-        "| global batch | rank batch | mode | peak (MiB) | extra (MiB) | time / step (s) | samples/s |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| global batch | rank batch | mode | peak (MiB) | extra (MiB) | time / step (s) | samples/s | load 1 min "
+        "(before, after) |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['global_batch']} | | {r['mode']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['global_batch']} | | {r['mode']} | error: {r['error']} | | | | |")
             continue
+        load = "{:.1f}, {:.1f}".format(*r["load"]) if "load" in r else ""
         lines.append(f"| {r['global_batch']} | {r['rank_batch']} | {r['mode']} | {r['peak_mib']:.0f} | "
-                     f"{r['extra_mib']:.0f} | {r['step_s']:.2f} | {r['global_batch'] / r['step_s']:.1f} |")
+                     f"{r['extra_mib']:.0f} | {r['step_s']:.2f} | {r['global_batch'] / r['step_s']:.1f} | {load} |")
     if s.get("sizes"):
         lo, hi = s["sizes"][0], s["sizes"][-1]
+        nan = float("nan")
+        tr, pr = s.get("time_ratio_reembed", {}), s.get("peak_ratio_reembed", {})
+        td, pd = s.get("time_ratio_detached", {}), s.get("peak_ratio_detached", {})
+        lines += [
+            "",
+            "| global batch | cached / plain time | cached / plain peak | target time <= 1.5 | reembed / plain time | "
+            "reembed / plain peak | detached / plain time | detached / plain peak |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {b} | {s['time_ratio'][b]:.2f} | {s['peak_ratio'][b]:.2f} | "
+                  f"{'met' if s['time_ratio'][b] <= 1.5 else 'NOT met'} | {tr.get(b, nan):.2f} | "
+                  f"{pr.get(b, nan):.2f} | {td.get(b, nan):.2f} | {pd.get(b, nan):.2f} |" for b in s["sizes"]]
         worst_t = max(s["time_ratio"].values())
         lines += [
             "",
-            "| global batch | GradCache / plain time | GradCache / plain peak | detached / plain time | "
-            "detached / plain peak |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        td, pd = s.get("time_ratio_detached", {}), s.get("peak_ratio_detached", {})
-        lines += [f"| {b} | {s['time_ratio'][b]:.2f} | {s['peak_ratio'][b]:.2f} | "
-                  f"{td[b] if b in td else float('nan'):.2f} | {pd[b] if b in pd else float('nan'):.2f} |"
-                  for b in s["sizes"]]
-        lines += [
-            "",
-            f"Targets (issue 10): GradCache peak growth from global batch {lo} to {hi}: x"
-            f"{s['gradcache_peak_growth']:.2f} (target <= 1.3: "
+            f"Targets (issue 10), GradCache = the default \"cached\" negatives: peak growth from global batch {lo} to "
+            f"{hi}: x{s['gradcache_peak_growth']:.2f} (target <= 1.3: "
             f"{'met' if s['gradcache_peak_growth'] <= 1.3 else 'NOT met'}; plain: x{s['plain_peak_growth']:.2f}). "
             f"Step time GradCache / plain at most {worst_t:.2f} (target <= 1.5: "
-            f"{'met' if worst_t <= 1.5 else 'NOT met'}); with detached negatives at most "
-            f"{max(td.values()) if td else float('nan'):.2f}.",
+            f"{'met' if worst_t <= 1.5 else 'NOT met'} at every size); reembed at most "
+            f"{max(tr.values()) if tr else nan:.2f}, detached at most {max(td.values()) if td else nan:.2f}.",
             f"Per-rank memory model fitted on these points (extra = a + b x rank batch): plain b = "
-            f"{s['plain_extra_mib_per_sample']:.2f} MiB/sample (activations of the whole batch); GradCache b = "
-            f"{s['gradcache_extra_mib_per_sample']:.3f} MiB/sample (inputs and O(B x D) caches), a = "
-            f"{s['gradcache_extra_mib_intercept']:.0f} MiB (one chunk of {chunk} with its re-embedded negatives).",
+            f"{s['plain_extra_mib_per_sample']:.2f} MiB/sample (activations of the whole batch); GradCache (cached) "
+            f"b = {s['gradcache_extra_mib_per_sample']:.3f} MiB/sample (inputs, O(B x D) caches, the token cache "
+            f"and its gradient), a = {s['gradcache_extra_mib_intercept']:.0f} MiB (one chunk of {chunk})"
+            + (f"; reembed b = {s['reembed_extra_mib_per_sample']:.3f} MiB/sample, a = "
+               f"{s['reembed_extra_mib_intercept']:.0f} MiB (one chunk with its re-embedded negatives)."
+               if "reembed_extra_mib_per_sample" in s else "."),
         ]
     ck = s.get("checkpointing", {})
     if any(ck.values()):
@@ -283,6 +302,9 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (best is kept)")
     p.add_argument("--world", type=int, default=2)
+    p.add_argument("--modes", nargs="+", default=["plain", "gradcache", "gradcache-reembed", "gradcache-detached",
+                                                  "plain+ckpt", "gradcache+ckpt"], help="run at every size, "
+                   "in this order, reversed at every other size")
     p.add_argument("--render", metavar="JSON", help="print the markdown table of a saved JSON and exit")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
@@ -293,7 +315,7 @@ def main() -> None:
         return
     cases = []
     for i, b in enumerate(args.sizes):  # interleaved, the order alternating per size
-        modes = ["plain", "gradcache", "gradcache-detached", "plain+ckpt", "gradcache+ckpt"]
+        modes = args.modes
         cases += [(m, b) for m in (modes if i % 2 == 0 else modes[::-1])]
     rows = run_cases(cases, args.chunk, args.steps, args.world)
     meta = host("torch", "deepspeed")

@@ -203,7 +203,10 @@ class TrainConfig:
     # GradCache (r2d2ds/losses/gradcache.py): > 0 embeds each rank batch in chunks of this many rows and
     # back-propagates chunk by chunk, so activation memory follows chunk_size, not the batch. 0: off.
     chunk_size: int = 0
-    gradcache_negatives: str = "reembed"  # FGR negatives from other chunks: reembed (exact) | detached
+    # How GradCache gives FGR's negatives (rows of other chunks/ranks) their towers' gradient: cached (exact,
+    # towers run forward twice + backward once) | reembed (exact up to dropout, towers re-run on negatives) |
+    # detached (drops the towers' gradient through negatives). Cost and memory: r2d2ds/losses/gradcache.py.
+    gradcache_negatives: str = "cached"
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup_steps: int = 100
@@ -235,8 +238,8 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.global_batch >= 0, "train.global_batch", f"must be >= 0 (0: derived), got {self.global_batch}")
         _check(self.chunk_size >= 0, "train.chunk_size", f"must be >= 0 (0: GradCache off), got {self.chunk_size}")
-        _check(self.gradcache_negatives in ("reembed", "detached"), "train.gradcache_negatives",
-               f"must be 'reembed' or 'detached', got {self.gradcache_negatives!r}")
+        _check(self.gradcache_negatives in ("cached", "reembed", "detached"), "train.gradcache_negatives",
+               f"must be 'cached', 'reembed' or 'detached', got {self.gradcache_negatives!r}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.min_lr >= 0, "train.min_lr", f"must be >= 0, got {self.min_lr}")
         _check_keys(self.min_lr <= self.lr, ("train.min_lr", "train.lr"), "need min_lr <= lr")

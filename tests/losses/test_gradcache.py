@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 import r2d2ds  # noqa: F401
-from r2d2ds.config import Config, ConfigError, DataConfig, TrainConfig
+from r2d2ds.config import Config, ConfigError, DataConfig, LossConfig, TrainConfig
 from tests.dist_utils import run_ranks
 from tests.models.tiny import MASK, PAD, SPECIALS, VOCAB, no_dropout, tiny_batch, tiny_loss_config, tiny_model_config
 
@@ -30,17 +30,21 @@ SEED = 1234
 
 
 class _Engine:
-    """What GradCache needs of a DeepSpeed engine, without one: forward, backward, step, module."""
+    """What GradCache needs of a DeepSpeed engine, without one: forward, backward, step, module; `loss_scale`
+    multiplies every backward's loss as fp16 loss scaling does (the caller divides the gradients back)."""
 
-    def __init__(self, module):
+    def __init__(self, module, loss_scale: float = 1.0):
         self.module = module
+        self.optimizer = type("Opt", (), {"loss_scale": loss_scale})()
+        self.micro_steps = 0
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def backward(self, loss, scale_wrt_gas=True):
         assert scale_wrt_gas is False  # the chunk losses already sum to the batch loss
-        loss.backward()
+        (loss * self.optimizer.loss_scale).backward()
+        self.micro_steps += 1
 
     def step(self):
         pass
@@ -64,13 +68,13 @@ def _build(loss: dict, dropout: bool, ckpt: str = "none"):
     return obj, teacher
 
 
-def _averaged_grads(obj) -> dict[str, torch.Tensor]:
+def _averaged_grads(obj, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
     out = {}
     for n, p in obj.named_parameters():
         if p.grad is not None:
             g = p.grad.detach().clone()
-            dist.all_reduce(g)  # what the engine does: average over data-parallel ranks
-            out[n] = g / dist.get_world_size()
+            dist.all_reduce(g)  # what the engine does: average over data-parallel ranks (and unscale)
+            out[n] = g / (dist.get_world_size() * loss_scale)
     return out
 
 
@@ -107,18 +111,74 @@ def _chunked_reference(loss: dict, batch: dict, chunk: int, rng_seed: int,
     return _averaged_grads(obj)
 
 
-def _gradcache(loss: dict, batch: dict, chunk: int, dropout: bool = False, negatives: str = "reembed",
-               rng_seed: int = 0, ckpt: str = "none") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _chunked_full_reference(loss: dict, batch: dict, chunk: int, rng_seed: int) -> dict[str, torch.Tensor]:
+    """The full loss with dropout, everything in ONE graph and one backward, drawing dropout in the order the
+    "cached" mode draws it: the towers chunk by chunk (pass 1's masks, replayed in pass 3), then both cross
+    encoders on each chunk's pairs (pass 2), then each chunk's masked-text tower and text-query encoder (pass 3).
+    A negative's tokens are its row's tokens, as in the one-shot objective (`build_itm_pairs` on the whole
+    batch, its all-to-all carrying the gradient to the owner rank)."""
+    from r2d2ds.losses import gcpr_loss, tgd_loss
+    from r2d2ds.losses.distill import fgd_loss
+    from r2d2ds.losses.fgr import build_itm_pairs, weighted_itm_loss
+    from r2d2ds.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
+
+    obj, teacher = _build(loss, dropout=True)
+    model, lc = obj.model, obj.loss_cfg
+    image, ids, mask, labels = batch["image"], batch["input_ids"], batch["attention_mask"], batch["image_id"]
+    chunks = [slice(s, min(s + chunk, ROWS)) for s in range(0, ROWS, chunk)]
+    torch.manual_seed(rng_seed)
+    parts = [(model.encode_image(image[sl]), model.encode_text(ids[sl], mask[sl])) for sl in chunks]
+    img_tok, img = (torch.cat(x) for x in zip(*(p[0] for p in parts)))
+    txt_tok, txt = (torch.cat(x) for x in zip(*(p[1] for p in parts)))
+    scale = model.logit_scale()
+    fgr_seed, fuse = obj.fgr_draw(SEED)
+    assert fuse  # the released draw rides on the GCPR pass
+    gcpr, (neg_txt, neg_img) = gcpr_loss(img, txt, scale, labels, impl="torch", negatives_seed=fgr_seed)
+    with torch.no_grad():
+        t_img_tok, ti = teacher.encode_image(image)
+        t_txt_tok, tt = teacher.encode_text(ids, mask)
+    a = lc.tgd_alpha
+    total = (1 - a) * lc.gcpr_weight * gcpr + a * lc.tgd_weight * tgd_loss(img, txt, scale, labels, ti, tt,
+                                                                        impl="torch")
+    pairs = build_itm_pairs(img_tok, txt_tok, mask, neg_txt, neg_img)  # rows: B pos, B (img, neg txt), B (neg img, txt)
+    tq, iq, order = [], [], []
+    for sl in chunks:
+        idx = torch.cat([torch.arange(sl.start, sl.stop) + k * ROWS for k in range(3)])
+        logits = model.itm_logits(pairs.img[idx], pairs.txt[idx], pairs.mask[idx])
+        tq.append(logits[0]), iq.append(logits[1]), order.append(idx)
+    order = torch.cat(order)
+    t, v, w = pairs.target[order], pairs.valid[order], lc.fgr_class_weights
+    total = total + lc.fgr_weight * 0.5 * (weighted_itm_loss(torch.cat(tq), t, v, w)
+                                           + weighted_itm_loss(torch.cat(iq), t, v, w))
+    masked, mlm_labels = mask_tokens(ids, mask, lc.mlm_probability, obj.mask_token_id, obj.vocab_size,
+                                     obj.special_token_ids, torch.Generator().manual_seed(SEED))
+    hidden = torch.cat([model.text_query(model.encode_text(masked[sl], mask[sl])[0], mask[sl], img_tok[sl])
+                        for sl in chunks])
+    sel = mlm_labels != IGNORE_INDEX
+    total = total + lc.mlm_weight * mlm_loss(model.mlm_logits(hidden[sel]), mlm_labels[sel])
+    with torch.no_grad():
+        t_hidden = teacher.text_query(t_txt_tok, mask, t_img_tok)
+    total = total + lc.fgd_weight * fgd_loss(hidden, t_hidden, mask)
+    total.backward()
+    return _averaged_grads(obj)
+
+
+def _gradcache(loss: dict, batch: dict, chunk: int, dropout: bool = False, negatives: str = "cached",
+               rng_seed: int = 0, ckpt: str = "none",
+               loss_scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from r2d2ds.losses.gradcache import BatchPlan, GradCache
 
     obj, teacher = _build(loss, dropout, ckpt)
-    plan = BatchPlan(global_batch=2 * ROWS, world=2, grad_accum=1, rank_batch=ROWS, chunk_size=chunk)
+    plan = BatchPlan(global_batch=2 * ROWS, world=2, grad_accum=1, rank_batch=ROWS, chunk_size=chunk,
+                     negatives=negatives, fgr=obj.loss_cfg.fgr_weight > 0)
     torch.manual_seed(rng_seed)
-    out = GradCache(plan, negatives).step(_Engine(obj), batch, teacher, SEED)
-    return _averaged_grads(obj), out
+    engine = _Engine(obj, loss_scale)
+    out = GradCache(plan).step(engine, batch, teacher, SEED)
+    assert engine.micro_steps == plan.engine_accum  # the engine's accumulation boundary falls on the last one
+    return _averaged_grads(obj, loss_scale), out
 
 
-def _accumulated(loss: dict, batch: dict, chunk: int) -> tuple[dict, dict]:
+def _accumulated(loss: dict, batch: dict, chunk: int, negatives: str = "cached") -> tuple[dict, dict]:
     """train.grad_accum = 2: two GradCache passes of 4 rows per optimizer step vs two one-shot micro steps
     (each engine.backward divided by the accumulation steps, as DeepSpeed does)."""
     from r2d2ds.losses.gradcache import BatchPlan, GradCache
@@ -129,7 +189,8 @@ def _accumulated(loss: dict, batch: dict, chunk: int) -> tuple[dict, dict]:
         (obj(half, teacher, SEED + i)["loss"] / 2).backward()
     ref = _averaged_grads(obj)
     obj, teacher = _build(loss, dropout=False)
-    plan = BatchPlan(global_batch=2 * ROWS, world=2, grad_accum=2, rank_batch=4, chunk_size=chunk)
+    plan = BatchPlan(global_batch=2 * ROWS, world=2, grad_accum=2, rank_batch=4, chunk_size=chunk,
+                     negatives=negatives)
     gc = GradCache(plan)
     for i, half in enumerate(halves):
         gc.step(_Engine(obj), half, teacher, SEED + i)
@@ -196,7 +257,17 @@ def _rank_fn(rank: int, world: int, batch: dict):
         obj, teacher = _build(FULL, dropout=False)
         res["full/ref/out"] = obj(local, teacher, SEED)
     res["full/detached"], _ = _gradcache(FULL, local, 3, negatives="detached")
+    res["full/reembed"], res["full/reembed/out"] = _gradcache(FULL, local, 3, negatives="reembed")
+    res["full/scaled"], _ = _gradcache(FULL, local, 3, loss_scale=1024.0)  # fp16-style loss scaling
     res["accum/ref"], res["accum/gc"] = _accumulated(FULL, local, 3)
+    _, res["accum/reembed"] = _accumulated(FULL, local, 3, negatives="reembed")
+    # Dropout on, full loss: "cached" equals the one-graph step drawing the same masks; "reembed" does not
+    # (its re-embedded negatives draw masks of their own).
+    for chunk in (3, 8):
+        res[f"dropfull/ref/{chunk}"] = _chunked_full_reference(FULL, local, chunk, rng_seed=5 + rank)
+        res[f"dropfull/cached/{chunk}"], _ = _gradcache(FULL, local, chunk, dropout=True, rng_seed=5 + rank)
+    res["dropfull/reembed/3"], _ = _gradcache(FULL, local, 3, dropout=True, rng_seed=5 + rank, negatives="reembed")
+    res["dropfull/cached/3/ckpt"], _ = _gradcache(FULL, local, 3, dropout=True, rng_seed=5 + rank, ckpt="all")
     # FGR's local scope with the top-k sampler: the non-fused draw, negatives from this rank only
     local_scope = dict(FULL, fgr_negative_scope="local", fgr_negatives="topk", fgr_topk=3)
     res["local/ref"] = _reference(local_scope, local)
@@ -256,13 +327,46 @@ def test_full_loss_matches_one_step(chunk):
     assert r[f"full/chunk{chunk}/out"]["fgr/remote_frac"] > 0  # negatives from the other rank are re-embedded
     # The logged terms are the rank batch's, equal to the one-shot objective's.
     out, ref = r[f"full/chunk{chunk}/out"], r["full/ref/out"]
-    for k in ("loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"):
+    for k in ("loss", "loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm", "logit_scale"):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
 
 
-def test_two_passes_per_step_match_two_accumulated_micro_steps():
+@pytest.mark.parametrize("mode", ["gc", "reembed"])  # gc: the default, "cached"
+def test_two_passes_per_step_match_two_accumulated_micro_steps(mode):
     r = _results()
-    _assert_grads_equal(r["accum/gc"], r["accum/ref"])
+    _assert_grads_equal(r[f"accum/{mode}"], r["accum/ref"])
+
+
+def test_reembed_negatives_match_one_step_without_dropout():
+    r = _results()
+    _assert_grads_equal(r["full/reembed"], r["full/ref"])
+    for k in ("loss", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm", "logit_scale"):
+        assert r["full/reembed/out"][k].item() == pytest.approx(r["full/ref/out"][k].item(), rel=1e-5, abs=1e-6), k
+
+
+def test_cached_token_gradients_are_unscaled_by_the_engines_loss_scale():
+    # fp16 loss scaling multiplies the ranking pass's token gradients too; they must enter the tower pass once.
+    r = _results()
+    _assert_grads_equal(r["full/scaled"], r["full/ref"])
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_cached_negatives_are_exact_with_dropout(chunk):
+    r = _results()
+    _assert_grads_equal(r[f"dropfull/cached/{chunk}"], r[f"dropfull/ref/{chunk}"])
+
+
+def test_cached_negatives_exact_with_dropout_and_checkpointing():
+    r = _results()
+    _assert_grads_equal(r["dropfull/cached/3/ckpt"], r["dropfull/ref/3"])
+
+
+def test_reembed_negatives_are_not_exact_with_dropout():
+    r = _results()
+    got, want = r["dropfull/reembed/3"], r["dropfull/ref/3"]
+    tower = [n for n in want if n.startswith(("model.text_tower", "model.image_tower"))]
+    diff = max((got[n] - want[n]).abs().max().item() / (want[n].abs().max().item() + 1e-12) for n in tower)
+    assert diff > 1e-3
 
 
 def test_local_scope_and_non_fused_sampler_match_one_step():
@@ -336,10 +440,17 @@ def test_plan_derives_rank_batch_and_engine_micro_steps():
     from r2d2ds.losses.gradcache import plan_batch
 
     p = plan_batch(_cfg(global_batch=1024, chunk_size=48, grad_accum=2), world=8)
-    assert (p.rank_batch, len(p.chunks()), p.engine_accum, p.engine_micro_batch) == (64, 2, 4, 48)
+    # "cached" (the default) with FGR on: a ranking and a tower micro step per chunk
+    assert (p.rank_batch, len(p.chunks()), p.engine_accum, p.engine_micro_batch) == (64, 2, 8, 48)
     assert p.chunks() == [slice(0, 48), slice(48, 64)]  # the last chunk is shorter
     ecfg = p.engine_config(_cfg(global_batch=1024, chunk_size=48, grad_accum=2))
-    assert (ecfg.data.micro_batch, ecfg.train.grad_accum) == (48, 4)
+    assert (ecfg.data.micro_batch, ecfg.train.grad_accum) == (48, 8)
+    for negatives in ("reembed", "detached"):  # one micro step per chunk
+        assert plan_batch(_cfg(global_batch=1024, chunk_size=48, grad_accum=2, gradcache_negatives=negatives),
+                          world=8).engine_accum == 4
+    no_fgr = Config(data=DataConfig(micro_batch=8), train=TrainConfig(global_batch=1024, chunk_size=48, grad_accum=2),
+                    loss=LossConfig(fgr_weight=0.0))
+    assert plan_batch(no_fgr, world=8).engine_accum == 4  # "cached" without FGR: no ranking pass
     assert p.data_config(_cfg()).data.micro_batch == 64
     off = plan_batch(_cfg(), world=2)  # no global_batch, no GradCache: the old identity
     assert (off.rank_batch, off.global_batch, off.engine_accum, off.gradcache) == (8, 16, 1, False)

@@ -37,7 +37,8 @@ def test_gradcache_run_reproduces_the_non_cached_run(gradcache_run, dataset, tmp
             # fp32; GradCache changes only the summation order (per-chunk sums with batch denominators)
             assert got[step][k] == pytest.approx(want[step][k], rel=2e-4, abs=1e-5), (step, k)
     ds = json.loads((gradcache_run / "ds_config.json").read_text())
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 3)
+    # "cached" negatives (the default): a ranking and a tower micro step per chunk, 3 chunks
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 6)
     records = [json.loads(x) for x in (gradcache_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss/gcpr" in r]
     assert all(r["memory/peak_gib"] > 0 and r["perf/samples_per_s"] > 0 for r in train)
