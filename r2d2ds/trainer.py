@@ -182,7 +182,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             seed = step_seed(self.cfg.train.seed, self.step, micro, self.rank)
             teacher = self.teacher.module if self.teacher is not None else None
-            if self.gradcache is not None:  # one engine micro step (forward, backward, step) per chunk
+            if self.gradcache is not None:  # engine micro steps (forward, backward, step): one per chunk, two with cached negatives
                 out = self.gradcache.step(self.engine, batch, teacher, seed, autocast=self._autocast)
             else:
                 with self._autocast():

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("## versions", "## phases", "## kernel tests", "## ceilings", "## roofline", "## contrastive_gpu",
-            "## cross_attention", "## step_b16", "## step_l14")
+            "## cross_attention", "## step_b16", "## step_l14", "## gradcache_gpu")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -49,6 +49,9 @@ def test_rehearsal_runs_every_phase_from_the_installed_wheel(tmp_path):
     assert l14["finished"] and len(l14["rows"]) == 1
     assert all(r["zero_stage"] == 2 and r["samples_per_s"] > 0 for r in b16["rows"] + l14["rows"])
     assert not b16["meta"]["triton_autotune"] and env["deepspeed_from"].startswith("/"), env["deepspeed_from"]
+    # the largest-batch search, non-cached vs GradCache (tiny model, simulated memory limit on the CPU)
+    gc = json.loads((out / "gradcache_gpu.json").read_text())["modes"]
+    assert gc["plain"]["limited_by"] == "oom" and gc["gradcache"]["largest_fit"] > gc["plain"]["largest_fit"], gc
 
 
 def _fake_site(folder: Path) -> Path:
