@@ -33,6 +33,7 @@ r2d2ds writes itself (rank state, manifest, `latest`) are safetensors, JSON and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -246,6 +247,8 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
     if rd.is_main_process():
         if tag_dir.exists():  # an interrupted save of the same step (fallback resume): not committed, replace
             shutil.rmtree(tag_dir)
+        # A conversion of an earlier checkpoint of this step (set aside or interrupted) describes other weights.
+        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
     rd.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     write_rank_state(tag_dir / f"rank{rank}.safetensors", rank_state)
@@ -323,6 +326,10 @@ def _set_aside(run_dir: str | Path, bad: str, good: str) -> None:
         if aside.exists():
             shutil.rmtree(aside)
         os.replace(root / bad, aside)
+        conv = root / (bad + UNIVERSAL_SUFFIX)
+        if conv.exists():  # its conversion goes aside with it: a new save of that step must not find it
+            shutil.rmtree(root / (conv.name + ".corrupt"), ignore_errors=True)
+            os.replace(conv, root / (conv.name + ".corrupt"))
         atomic_write_text(root / "latest", good + "\n")
         log.warning("moved the unusable checkpoint to '%s'; 'latest' now names %s", aside, good)
     rd.barrier()
@@ -448,9 +455,13 @@ def _check_universal(tag_dir: Path, manifest: dict[str, Any], world: int) -> str
             f"once to DeepSpeed's universal format with {_convert_hint(tag_dir)} (writes '{out}'), then resume "
             f"on any number of ranks; or resume on {saved_world} rank(s)")
     try:
-        files = dict(json.loads(done.read_text()).get("files", {}))
+        marker = json.loads(done.read_text())
+        files = dict(marker.get("files", {}))
     except (ValueError, TypeError, AttributeError) as e:
         return f"universal conversion marker '{done}' is corrupt ({type(e).__name__}: {e})"
+    if marker.get("manifest_sha256", _manifest_sha(tag_dir)) != _manifest_sha(tag_dir):
+        raise CheckpointError(f"the universal conversion '{out}' was made from another checkpoint than the current "
+                              f"'{tag_dir}' (manifest differs): convert again with {_convert_hint(tag_dir)}")
     if int(manifest.get("zero_stage", 0)) == 3 and UNIVERSAL_TEACHER not in files and _has_partitioned_teacher(tag_dir):
         return (f"the universal conversion '{out}' has no consolidated EMA teacher ({UNIVERSAL_TEACHER}): "
                 f"convert again with {_convert_hint(tag_dir)}")
@@ -461,6 +472,10 @@ def _check_universal(tag_dir: Path, manifest: dict[str, Any], world: int) -> str
         if p.stat().st_size != size:
             return f"universal checkpoint file '{p}' is {p.stat().st_size} bytes, '{done}' says {size} (truncated?)"
     return None
+
+
+def _manifest_sha(tag_dir: Path) -> str:
+    return hashlib.sha256((tag_dir / MANIFEST).read_bytes()).hexdigest()
 
 
 def _has_partitioned_teacher(tag_dir: Path) -> bool:
@@ -553,7 +568,8 @@ def convert_to_universal(run_dir: str | Path, tag: str | None = None, workers: i
         fsync_dir(d)
     # Written last: a conversion cut short has no marker and is redone.
     atomic_write_text(tmp / UNIVERSAL_DONE, json.dumps({"format": FORMAT, "tag": tag, "step": manifest["step"],
-                                                        "world_size": saved_world, "files": files}, indent=1) + "\n")
+                                                        "world_size": saved_world, "files": files,
+                                                        "manifest_sha256": _manifest_sha(root / tag)}, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
