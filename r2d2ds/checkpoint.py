@@ -43,6 +43,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -488,17 +489,40 @@ def is_elastic(run_dir: str | Path, tag: str | None, world: int) -> bool:
     return tag is not None and int(_manifest(checkpoint_dir(run_dir) / tag)["world_size"]) != world
 
 
-def read_universal_teacher(run_dir: str | Path, tag: str) -> dict[str, torch.Tensor] | None:
-    """The consolidated ZeRO-3 EMA teacher of <tag>_universal/ (whole tensors), None when there is none."""
-    from safetensors.torch import load_file
+class _TensorFile(Mapping):
+    """The tensors of a safetensors file, each read when asked for: a rank cutting its partitions out of the whole
+    EMA teacher holds one whole parameter at a time in host memory, not the teacher."""
 
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = list(self._file.keys())
+        except Exception as e:  # safetensors raises its own error types on truncated files
+            raise CheckpointError(f"checkpoint file '{path}' cannot be read ({type(e).__name__}: {e})") from e
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint file '{self.path}' cannot be read ({type(e).__name__}: {e})") from e
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_universal_teacher(run_dir: str | Path, tag: str) -> Mapping[str, torch.Tensor] | None:
+    """The consolidated ZeRO-3 EMA teacher of <tag>_universal/ (whole tensors, read one at a time), None when
+    there is none."""
     path = checkpoint_dir(run_dir) / (tag + UNIVERSAL_SUFFIX) / UNIVERSAL_TEACHER
-    if not path.is_file():
-        return None
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types on truncated files
-        raise CheckpointError(f"checkpoint file '{path}' cannot be read ({type(e).__name__}: {e})") from e
+    return _TensorFile(path) if path.is_file() else None
 
 
 def _consolidate_teacher(tag_dir: Path, saved_world: int, out: Path) -> bool:

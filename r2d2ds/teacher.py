@@ -20,6 +20,7 @@ exactly as ZeRO-3 lays out the student: rank r takes flat[r * n : (r + 1) * n], 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -125,7 +126,7 @@ class EMATeacher:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Tensor] | None = None,
-                        full: dict[str, Tensor] | None = None) -> None:
+                        full: Mapping[str, Tensor] | None = None) -> None:
         """Restore what state_dict / rank_state_dict saved (a plain state dict of an older checkpoint works too).
         `full`: the whole tensors a universal conversion consolidated from a partitioned teacher saved by another
         number of ranks; each rank then takes its partition of them."""
@@ -168,7 +169,7 @@ class EMATeacher:
             local.copy_(rank_state[name])
 
     @torch.no_grad()
-    def _load_whole_into_partitions(self, full: dict[str, Tensor], shapes: dict[str, Any]) -> None:
+    def _load_whole_into_partitions(self, full: Mapping[str, Tensor], shapes: dict[str, Any]) -> None:
         for name, p in self.module.named_parameters():
             if name not in full:
                 raise ValueError(f"the consolidated EMA teacher lacks parameter '{name}'")

@@ -6,8 +6,8 @@ Fast: no DeepSpeed engine. The end-to-end paths (kill during save, resume) are i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
