@@ -154,7 +154,8 @@ class EMATeacher:
         if state["world_size"] != get_world_size():
             if full is None:
                 raise ValueError(f"the EMA teacher was partitioned over {state['world_size']} ranks, this run has "
-                                 f"{get_world_size()}: resume through the universal conversion (elastic resume)")
+                                 f"{get_world_size()}: resume on the same world size, or from the universal conversion "
+                                 "(elastic resume)")
             self._load_whole_into_partitions(full, state["shapes"])
             return
         if rank_state is None:
