@@ -20,7 +20,11 @@ Elastic resume (another number of ranks): DeepSpeed's ZeRO shards are laid out f
 them, so the checkpoint is converted once into DeepSpeed's universal format (`python -m r2d2ds.checkpoint
 to-universal RUN_DIR` writes <tag>_universal/ beside the tag) and the engine loads that with
 `checkpoint.load_universal`. Our client state rides along (DeepSpeed copies the model-states file); the per-rank
-files of every saved rank are read by every new rank, which remaps the data position from all of them.
+files of every saved rank are read by every new rank, which remaps the data position from all of them. Under ZeRO-3
+the EMA teacher is saved in per-rank partitions: the conversion consolidates them into whole tensors
+(<tag>_universal/r2d2ds-teacher.safetensors) and every new rank cuts its own partition out of them. The
+conversion is written under a temporary name and renamed when complete; its marker file lists every file with its
+size, so a damaged conversion is named like a damaged checkpoint (and `train.resume_fallback` passes over it).
 
 Trust: DeepSpeed writes its own files with torch.save (pickle) and reads them back with weights_only=False;
 loading a checkpoint can therefore run code stored in it. Resume only from run directories you trust. The files
@@ -29,6 +33,7 @@ r2d2ds writes itself (rank state, manifest, `latest`) are safetensors, JSON and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +43,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,8 @@ log = logging.getLogger("r2d2ds")
 
 MANIFEST = "r2d2ds-checkpoint.json"
 UNIVERSAL_SUFFIX = "_universal"  # <tag>_universal/: the DeepSpeed universal conversion of <tag>
-UNIVERSAL_DONE = "r2d2ds-universal.json"  # written last into a complete conversion
+UNIVERSAL_DONE = "r2d2ds-universal.json"  # written last into a complete conversion: files and their sizes
+UNIVERSAL_TEACHER = "r2d2ds-teacher.safetensors"  # the ZeRO-3 EMA teacher, consolidated from every rank's partition
 FORMAT = "r2d2ds-checkpoint-1"
 # Fault injection for tests: R2D2DS_FAULT_KILL_IN_SAVE=<step> SIGKILLs rank 0 in the middle of saving that step
 # (after DeepSpeed's shards are written, before the manifest and `latest`), like a node lost mid-save.
@@ -241,6 +248,8 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
     if rd.is_main_process():
         if tag_dir.exists():  # an interrupted save of the same step (fallback resume): not committed, replace
             shutil.rmtree(tag_dir)
+        # A conversion of an earlier checkpoint of this step (set aside or interrupted) describes other weights.
+        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
     rd.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     write_rank_state(tag_dir / f"rank{rank}.safetensors", rank_state)
@@ -271,8 +280,9 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], r
 
 def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
     """None when `tag` is a complete checkpoint this rank can load; else the problem, naming the file.
-    A checkpoint of a different world size needs its universal conversion: raises CheckpointError without one
-    (no earlier checkpoint can help there)."""
+    A checkpoint of a different world size needs its complete universal conversion: raises CheckpointError,
+    naming the command, when the (otherwise intact) checkpoint was never converted; falling back past it to an
+    older one would silently throw away the newest good state."""
     tag_dir = checkpoint_dir(run_dir) / tag
     mf = tag_dir / MANIFEST
     if not tag_dir.is_dir():
@@ -292,9 +302,11 @@ def verify(run_dir: str | Path, tag: str, world: int, rank: int) -> str | None:
         if p.stat().st_size != size:
             return f"checkpoint file '{p}' is {p.stat().st_size} bytes, the manifest says {size} (truncated?)"
     if saved_world != world:
-        _check_universal(tag_dir, manifest, world)  # raises, naming what to do, when it cannot be used
         missing = [r for r in range(saved_world) if f"rank{r}.safetensors" not in files]
-        return f"checkpoint '{tag_dir}' lacks the state of rank(s) {missing} ({mf})" if missing else None
+        if missing:
+            return f"checkpoint '{tag_dir}' lacks the state of rank(s) {missing} ({mf})"
+        # Raises, naming the conversion command, when it was never converted; names a damaged conversion's file.
+        return _check_universal(tag_dir, manifest, world)
     if f"rank{rank}.safetensors" not in files:
         return f"checkpoint file '{tag_dir / f'rank{rank}.safetensors'}' is not in the manifest {mf}"
     return None
@@ -315,6 +327,10 @@ def _set_aside(run_dir: str | Path, bad: str, good: str) -> None:
         if aside.exists():
             shutil.rmtree(aside)
         os.replace(root / bad, aside)
+        conv = root / (bad + UNIVERSAL_SUFFIX)
+        if conv.exists():  # its conversion goes aside with it: a new save of that step must not find it
+            shutil.rmtree(root / (conv.name + ".corrupt"), ignore_errors=True)
+            os.replace(conv, root / (conv.name + ".corrupt"))
         atomic_write_text(root / "latest", good + "\n")
         log.warning("moved the unusable checkpoint to '%s'; 'latest' now names %s", aside, good)
     rd.barrier()
@@ -357,14 +373,16 @@ def choose(run_dir: str | Path, fallback: bool, device) -> str | None:
                           + "; ".join(problems))
 
 
-def load(engine, run_dir: str | Path, fallback: bool = False, device=None):
-    """Load the latest (or, with `fallback`, the newest good) checkpoint into `engine`.
+def load(engine, run_dir: str | Path, fallback: bool = False, device=None, tag: str | None = None):
+    """Load `tag` (the result of `choose`, made before the engine was built) or else the latest (with `fallback`,
+    the newest good) checkpoint into `engine`.
 
     Returns None when there is no checkpoint, else (tag, client_state, rank_state, all_rank_states):
     `rank_state` is this rank's saved state, or None after an elastic load (the checkpoint was written by
     another number of ranks: the engine must have been built with `checkpoint.load_universal`, see
-    `elastic_tag`); `all_rank_states()` reads the state of every saved rank."""
-    tag = choose(run_dir, fallback, device if device is not None else engine.device)
+    `is_elastic`); `all_rank_states()` reads the state of every saved rank."""
+    if tag is None:
+        tag = choose(run_dir, fallback, device if device is not None else engine.device)
     if tag is None:
         return None
     root = checkpoint_dir(run_dir)
@@ -383,6 +401,8 @@ def load(engine, run_dir: str | Path, fallback: bool = False, device=None):
     if path is None or client_state is None:
         raise CheckpointError(f"DeepSpeed found no loadable model states in '{root / load_tag}' "
                               f"(files: {sorted(p.name for p in (root / load_tag).iterdir())})")
+    if elastic:
+        _unshare_optimizer_steps(engine)
     rank_state = None if elastic else read_rank_state(root / tag / f"rank{rd.get_rank()}.safetensors")
 
     def all_rank_states() -> list[dict[str, Any]]:
@@ -394,6 +414,23 @@ def load(engine, run_dir: str | Path, fallback: bool = False, device=None):
 # ------------------------------------------------------------------------------------------ elastic
 
 
+def _unshare_optimizer_steps(engine) -> None:
+    """Give every optimizer state its own `step` tensor after a universal load.
+
+    DeepSpeed 0.19's ZeRO-3 universal load assigns ONE step tensor to the state of every fp32 sub-group
+    (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3). torch's Adam/AdamW increment `step` in
+    place once per sub-group, so with two parameter groups (decay / no decay) the shared counter advanced twice
+    per optimizer step and the bias corrections 1 - beta^t used a wrong t from the first step after the resume."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
 def _manifest(tag_dir: Path) -> dict[str, Any]:
     mf = tag_dir / MANIFEST
     try:
@@ -402,38 +439,116 @@ def _manifest(tag_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"manifest '{mf}' cannot be read ({type(e).__name__}: {e})") from e
 
 
-def _check_universal(tag_dir: Path, manifest: dict[str, Any], world: int) -> None:
-    """Raise unless `tag_dir` (written by another world size) has a complete universal conversion we can load."""
+def _convert_hint(tag_dir: Path) -> str:
+    run_dir = tag_dir.parent.parent
+    return f"`python -m r2d2ds.checkpoint to-universal {run_dir} --tag {tag_dir.name}`"
+
+
+def _check_universal(tag_dir: Path, manifest: dict[str, Any], world: int) -> str | None:
+    """For `tag_dir` written by another world size: None when its universal conversion is complete and intact,
+    the problem (naming the file) when the conversion is damaged; raises when it was never converted."""
     saved_world = int(manifest["world_size"])
-    if int(manifest.get("zero_stage", 0)) == 3:
-        raise CheckpointError(
-            f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) under ZeRO-3 and this run has {world}: "
-            f"elastic resume supports ZeRO-1/2 checkpoints (the ZeRO-3 EMA teacher is partitioned per rank); "
-            f"resume on {saved_world} rank(s)")
-    done = tag_dir.parent / (tag_dir.name + UNIVERSAL_SUFFIX) / UNIVERSAL_DONE
+    out = tag_dir.parent / (tag_dir.name + UNIVERSAL_SUFFIX)
+    done = out / UNIVERSAL_DONE
     if not done.is_file():
         raise CheckpointError(
             f"checkpoint '{tag_dir}' was written by {saved_world} rank(s) but this run has {world}: convert it "
-            f"once to DeepSpeed's universal format with `python -m r2d2ds.checkpoint to-universal "
-            f"{tag_dir.parent.parent}` (writes '{done.parent}'), then resume on any number of ranks; or resume "
-            f"on {saved_world} rank(s)")
+            f"once to DeepSpeed's universal format with {_convert_hint(tag_dir)} (writes '{out}'), then resume "
+            f"on any number of ranks; or resume on {saved_world} rank(s)")
+    try:
+        marker = json.loads(done.read_text())
+        files = dict(marker.get("files", {}))
+    except (ValueError, TypeError, AttributeError) as e:
+        return f"universal conversion marker '{done}' is corrupt ({type(e).__name__}: {e})"
+    if marker.get("manifest_sha256", _manifest_sha(tag_dir)) != _manifest_sha(tag_dir):
+        raise CheckpointError(f"the universal conversion '{out}' was made from another checkpoint than the current "
+                              f"'{tag_dir}' (manifest differs): convert again with {_convert_hint(tag_dir)}")
+    if int(manifest.get("zero_stage", 0)) == 3 and UNIVERSAL_TEACHER not in files and _has_partitioned_teacher(tag_dir):
+        return (f"the universal conversion '{out}' has no consolidated EMA teacher ({UNIVERSAL_TEACHER}): "
+                f"convert again with {_convert_hint(tag_dir)}")
+    for name, size in sorted(files.items()):
+        p = out / name
+        if not p.is_file():
+            return f"universal checkpoint file '{p}' is missing"
+        if p.stat().st_size != size:
+            return f"universal checkpoint file '{p}' is {p.stat().st_size} bytes, '{done}' says {size} (truncated?)"
+    return None
 
 
-def elastic_tag(run_dir: str | Path, world: int) -> str | None:
-    """Before the engine is built: the universal tag to load when the latest checkpoint was written by another
-    number of ranks (the engine then needs `checkpoint.load_universal`), None otherwise. Raises a
-    CheckpointError naming the conversion command when the checkpoint has not been converted."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
-    tag_dir = checkpoint_dir(run_dir) / tag
-    if not (tag_dir / MANIFEST).is_file():
-        return None  # incomplete: `choose` reports it (or falls back) with the whole story
-    manifest = _manifest(tag_dir)
-    if int(manifest["world_size"]) == world:
-        return None
-    _check_universal(tag_dir, manifest, world)
-    return tag + UNIVERSAL_SUFFIX
+def _manifest_sha(tag_dir: Path) -> str:
+    return hashlib.sha256((tag_dir / MANIFEST).read_bytes()).hexdigest()
+
+
+def _has_partitioned_teacher(tag_dir: Path) -> bool:
+    return bool(read_rank_state(tag_dir / "rank0.safetensors").get("teacher"))
+
+
+def is_elastic(run_dir: str | Path, tag: str | None, world: int) -> bool:
+    """True when checkpoint `tag` (chosen by `choose`) was written by another number of ranks: the engine must
+    then be built with `checkpoint.load_universal` and loads <tag>_universal/."""
+    return tag is not None and int(_manifest(checkpoint_dir(run_dir) / tag)["world_size"]) != world
+
+
+class _TensorFile(Mapping):
+    """The tensors of a safetensors file, each read when asked for: a rank cutting its partitions out of the whole
+    EMA teacher holds one whole parameter at a time in host memory, not the teacher."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = list(self._file.keys())
+        except Exception as e:  # safetensors raises its own error types on truncated files
+            raise CheckpointError(f"checkpoint file '{path}' cannot be read ({type(e).__name__}: {e})") from e
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint file '{self.path}' cannot be read ({type(e).__name__}: {e})") from e
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_universal_teacher(run_dir: str | Path, tag: str) -> Mapping[str, torch.Tensor] | None:
+    """The consolidated ZeRO-3 EMA teacher of <tag>_universal/ (whole tensors, read one at a time), None when
+    there is none."""
+    path = checkpoint_dir(run_dir) / (tag + UNIVERSAL_SUFFIX) / UNIVERSAL_TEACHER
+    return _TensorFile(path) if path.is_file() else None
+
+
+def _consolidate_teacher(tag_dir: Path, saved_world: int, out: Path) -> bool:
+    """Write the whole EMA teacher of a ZeRO-3 checkpoint into `out` (from every rank's partition and the layout
+    in the client state). False when the checkpoint has no partitioned teacher."""
+    from safetensors.torch import save_file
+
+    from r2d2ds.teacher import FORMAT_PARTITIONED, consolidate_partitions
+
+    states = [read_rank_state(tag_dir / f"rank{r}.safetensors") for r in range(saved_world)]
+    if not states[0].get("teacher"):
+        return False
+    model_states = sorted(tag_dir.glob("*zero_pp_rank_0_mp_rank_*_model_states.pt"))
+    if not model_states:
+        raise CheckpointError(f"'{tag_dir}' has no ZeRO-3 model states file (zero_pp_rank_0_mp_rank_*)")
+    client = torch.load(model_states[0], map_location="cpu", weights_only=False)  # trusted run dir (module doc)
+    layout = client.get("teacher") or {}
+    if layout.get("format") != FORMAT_PARTITIONED or int(layout.get("world_size", -1)) != saved_world:
+        raise CheckpointError(f"'{model_states[0]}' holds no EMA teacher layout partitioned over {saved_world} "
+                              f"rank(s) (got format {layout.get('format')!r})")
+    try:
+        whole = consolidate_partitions(layout["shapes"], [s.get("teacher") for s in states])
+    except ValueError as e:
+        raise CheckpointError(f"cannot consolidate the EMA teacher of '{tag_dir}': {e}") from e
+    save_file(whole, str(out), metadata={"format": FORMAT, "world_size": str(saved_world)})
+    return True
 
 
 def convert_to_universal(run_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
@@ -442,7 +557,8 @@ def convert_to_universal(run_dir: str | Path, tag: str | None = None, workers: i
 
     `--inject_missing_state`: DeepSpeed's converter wants the universal-checkpoint info that Megatron-style
     clients add to their client state; our ZeRO-1/2 parameters are plain (no tensor or pipeline parallel
-    slicing), which is what the injected default describes."""
+    slicing), which is what the injected default describes. ZeRO-3 checkpoints need no injection; our own per-rank
+    state of them (the partitioned EMA teacher) is consolidated into whole tensors beside DeepSpeed's."""
     import argparse
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -451,26 +567,37 @@ def convert_to_universal(run_dir: str | Path, tag: str | None = None, workers: i
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise CheckpointError(f"'{root}' has no committed checkpoint to convert")
-    manifest = _manifest(root / tag)
-    problem = verify(run_dir, tag, int(manifest["world_size"]), 0)
+    saved_world = int(_manifest(root / tag)["world_size"]) if (root / tag / MANIFEST).is_file() else 1
+    problem = verify(run_dir, tag, saved_world, 0)
     if problem:
-        raise CheckpointError(f"cannot convert: {problem}")
-    if int(manifest.get("zero_stage", 0)) == 3:
-        raise CheckpointError(f"cannot convert '{root / tag}': elastic resume supports ZeRO-1/2 checkpoints")
+        good = [t for t in reversed(tags(run_dir)) if t != tag and (root / t / MANIFEST).is_file()]
+        hint = (f"; an earlier complete checkpoint can be converted with --tag {good[0]} (then resume with "
+                f"--train.resume_fallback=true)" if good else "")
+        raise CheckpointError(f"cannot convert: {problem}{hint}")
+    manifest = _manifest(root / tag)
     out = root / (tag + UNIVERSAL_SUFFIX)
     tmp = root / (tag + UNIVERSAL_SUFFIX + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds_to_universal(argparse.Namespace(input_folder=str(root / tag), output_folder=str(tmp),
                                        num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
                                        keep_temp_folder=False, strict=True, inject_missing_state=True))
-    atomic_write_text(tmp / UNIVERSAL_DONE, json.dumps({"format": FORMAT, "tag": tag, "step": manifest["step"],
-                                                        "world_size": manifest["world_size"]}) + "\n")
-    for p in tmp.rglob("*"):
+    if int(manifest.get("zero_stage", 0)) == 3:
+        _consolidate_teacher(root / tag, saved_world, tmp / UNIVERSAL_TEACHER)
+    files = {}
+    for p in sorted(tmp.rglob("*")):
         if p.is_file():
             fsync_file(p)
+            files[str(p.relative_to(tmp))] = p.stat().st_size
+    for d in sorted({p.parent for p in tmp.rglob("*")}, key=lambda d: -len(d.parts)):
+        fsync_dir(d)
+    # Written last: a conversion cut short has no marker and is redone.
+    atomic_write_text(tmp / UNIVERSAL_DONE, json.dumps({"format": FORMAT, "tag": tag, "step": manifest["step"],
+                                                        "world_size": saved_world, "files": files,
+                                                        "manifest_sha256": _manifest_sha(root / tag)}, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    fsync_dir(root)
     # DeepSpeed's converter points its own `latest_universal` at the folder it wrote (our temporary name).
     atomic_write_text(root / "latest_universal", out.name + "\n")
     return out

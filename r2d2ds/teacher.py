@@ -13,18 +13,21 @@ below bf16's resolution and would vanish. Under bf16 it runs inside the trainer'
 
 Checkpoints: a whole teacher goes into the client state (rank 0 saves it); a partitioned one is saved by every
 rank in its own rank file (`rank_state_dict`), keyed by parameter name with the world size checked on load, and
-restored bit for bit.
+restored bit for bit. On another number of ranks (elastic resume) the universal conversion consolidates the saved
+partitions into whole tensors (`consolidate_partitions`) and `load_state_dict` cuts them again for this world size
+exactly as ZeRO-3 lays out the student: rank r takes flat[r * n : (r + 1) * n], n = ceil(numel / world).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from r2d2ds.distributed import get_world_size
-from r2d2ds.distributed.zero import is_partitioned, local_partition, partitioned_numel
+from r2d2ds.distributed.zero import is_partitioned, local_partition, partition_range, partitioned_numel
 from r2d2ds.models.ema import ema_update_, make_teacher
 
 FORMAT_FULL = "full"
@@ -122,8 +125,11 @@ class EMATeacher:
         return {n: local_partition(p).detach().cpu().clone() for n, p in self.module.named_parameters()}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Tensor] | None = None) -> None:
-        """Restore what state_dict / rank_state_dict saved (a plain state dict of an older checkpoint works too)."""
+    def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Tensor] | None = None,
+                        full: Mapping[str, Tensor] | None = None) -> None:
+        """Restore what state_dict / rank_state_dict saved (a plain state dict of an older checkpoint works too).
+        `full`: the whole tensors a universal conversion consolidated from a partitioned teacher saved by another
+        number of ranks; each rank then takes its partition of them."""
         fmt = state.get("format") if isinstance(state.get("format"), str) else None
         if fmt is None:  # a plain state_dict() of a whole teacher
             state = {"format": FORMAT_FULL, "params": {k: v for k, v in state.items()}, "buffers": {}}
@@ -146,8 +152,12 @@ class EMATeacher:
             raise ValueError("the checkpoint holds a ZeRO-3-partitioned EMA teacher but this run keeps it whole; "
                              "resume with the ZeRO stage the checkpoint was written with")
         if state["world_size"] != get_world_size():
-            raise ValueError(f"the EMA teacher was partitioned over {state['world_size']} ranks, this run has "
-                             f"{get_world_size()}: resume needs the same world size")
+            if full is None:
+                raise ValueError(f"the EMA teacher was partitioned over {state['world_size']} ranks, this run has "
+                                 f"{get_world_size()}: resume on the same world size, or from the universal conversion "
+                                 "(elastic resume)")
+            self._load_whole_into_partitions(full, state["shapes"])
+            return
         if rank_state is None:
             raise ValueError("the checkpoint's rank file has no EMA teacher partition")
         for name, p in self.module.named_parameters():
@@ -158,3 +168,38 @@ class EMATeacher:
                 raise ValueError(f"EMA teacher partition of '{name}' has {tuple(rank_state[name].shape)} "
                                  f"elements, this rank holds {tuple(local.shape)}")
             local.copy_(rank_state[name])
+
+    @torch.no_grad()
+    def _load_whole_into_partitions(self, full: Mapping[str, Tensor], shapes: dict[str, Any]) -> None:
+        for name, p in self.module.named_parameters():
+            if name not in full:
+                raise ValueError(f"the consolidated EMA teacher lacks parameter '{name}'")
+            whole = full[name]
+            if tuple(whole.shape) != tuple(p.ds_shape) or tuple(shapes.get(name, ())) != tuple(p.ds_shape):
+                raise ValueError(f"consolidated EMA teacher parameter '{name}' has shape {tuple(whole.shape)} "
+                                 f"(saved layout {shapes.get(name)}), this model's is {tuple(p.ds_shape)}")
+            # The same element range as the student's partition of this parameter (partition_range: this rank's
+            # ds_numel-sized slice of the flat tensor, the padding of the last rank left out).
+            start, length = partition_range(p)
+            local_partition(p).copy_(whole.reshape(-1).narrow(0, start, length))
+
+
+def consolidate_partitions(shapes: dict[str, Any], rank_states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Whole tensors from the partitions that ranks 0..N-1 saved (`rank_state_dict`, padding excluded): each
+    parameter is the concatenation of its partitions in rank order, reshaped to its saved shape."""
+    out: dict[str, Tensor] = {}
+    for name, shape in shapes.items():
+        parts = []
+        for r, rs in enumerate(rank_states):
+            if rs is None or name not in rs:
+                raise ValueError(f"rank {r}'s EMA teacher partition lacks parameter '{name}'")
+            parts.append(rs[name].reshape(-1))
+        flat = torch.cat(parts)
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if flat.numel() != numel:
+            raise ValueError(f"EMA teacher partitions of '{name}' hold {flat.numel()} elements over "
+                             f"{len(rank_states)} ranks, its shape {tuple(shape)} has {numel}")
+        out[name] = flat.reshape(tuple(int(d) for d in shape)).clone()
+    return out

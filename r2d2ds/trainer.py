@@ -83,7 +83,11 @@ class Trainer:
         self.gradcache = GradCache(self.plan, cfg.train.gradcache_negatives) if self.plan.gradcache else None
         self.ds_config = fill_ds_config(self.plan.engine_config(cfg), self.world, run_dir=str(self.run_dir),
                                         hidden_size=model_hidden_size(module))
-        if cfg.train.resume and checkpoint.elastic_tag(self.run_dir, self.world):  # saved by another world size
+        # The checkpoint to resume from is chosen (verified, falling back if asked) before the engine exists: one
+        # written by another number of ranks needs an engine that loads DeepSpeed's universal format.
+        self._resume_tag = (checkpoint.choose(self.run_dir, cfg.train.resume_fallback, rd.comm_device())
+                            if cfg.train.resume else None)
+        if checkpoint.is_elastic(self.run_dir, self._resume_tag, self.world):
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         self.engine = build_engine(module, cfg, self.ds_config)
         self.device = self.engine.device
@@ -135,7 +139,7 @@ class Trainer:
         return tag
 
     def _resume(self) -> None:
-        loaded = checkpoint.load(self.engine, self.run_dir, fallback=self.cfg.train.resume_fallback)
+        loaded = checkpoint.load(self.engine, self.run_dir, tag=self._resume_tag) if self._resume_tag else None
         if loaded is None:
             if rd.is_main_process():
                 log.warning("train.resume is set but %s has no checkpoint: starting from step 0",
@@ -144,7 +148,9 @@ class Trainer:
         tag, client, rank_state, all_rank_states = loaded
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
         if self.teacher is not None and "teacher" in client:
-            self.teacher.load_state_dict(client["teacher"], rank_state and rank_state.get("teacher"))
+            # Elastic ZeRO-3: whole tensors consolidated by the conversion, re-partitioned for this world size.
+            full = checkpoint.read_universal_teacher(self.run_dir, tag) if rank_state is None else None
+            self.teacher.load_state_dict(client["teacher"], rank_state and rank_state.get("teacher"), full=full)
         if rank_state is not None:  # same world size: exactly where this rank stopped
             self.stream.load_state_dict(rank_state["data"], all_states=lambda: [s["data"] for s in all_rank_states()])
             checkpoint.set_rng_state(rank_state["rng"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,77 @@ def test_choose_without_latest_takes_the_newest_complete_tag(tmp_path):
 def test_only_interrupted_saves_and_no_latest_start_from_scratch(tmp_path):
     _fake_tag(tmp_path, 3, complete=False)  # killed during the very first save
     assert checkpoint.choose(tmp_path, False, torch.device("cpu")) is None
+
+
+def _fake_universal(run_dir, tag: str) -> Path:
+    """A conversion as `to-universal` marks it: its files with their sizes and the source manifest's digest."""
+    root = checkpoint.checkpoint_dir(run_dir)
+    out = root / (tag + checkpoint.UNIVERSAL_SUFFIX)
+    (out / "zero" / "w").mkdir(parents=True)
+    (out / "zero" / "w" / "fp32.pt").write_bytes(b"y" * 50)
+    (out / "mp_rank_00_model_states.pt").write_bytes(b"z" * 30)
+    files = {str(f.relative_to(out)): f.stat().st_size for f in out.rglob("*") if f.is_file()}
+    (out / checkpoint.UNIVERSAL_DONE).write_text(json.dumps(
+        {"files": files, "manifest_sha256": checkpoint._manifest_sha(root / tag)}))
+    return out
+
+
+def test_elastic_fallback_passes_over_a_bad_checkpoint_or_conversion_to_a_converted_one(tmp_path):
+    """Resuming 2 ranks' checkpoints on 1 rank: a corrupt newest checkpoint, or a damaged conversion of it, is
+    named; with train.resume_fallback the newest earlier converted checkpoint is used, its bad successor and the
+    successor's conversion are set aside; an earlier one never converted is named with its conversion command."""
+    cpu = torch.device("cpu")
+    root = checkpoint.checkpoint_dir(tmp_path)
+    t2, t4 = _fake_tag(tmp_path, 2, world=2), _fake_tag(tmp_path, 4, world=2)
+    _commit(tmp_path, t4)
+    with pytest.raises(CheckpointError, match=f"to-universal {tmp_path} --tag {t4}"):
+        checkpoint.choose(tmp_path, True, cpu)  # intact but never converted: never passed over for an older one
+    conv4 = _fake_universal(tmp_path, t4)
+    assert checkpoint.choose(tmp_path, False, cpu) == t4 and checkpoint.is_elastic(tmp_path, t4, world=1)
+
+    # A damaged conversion is named like a damaged checkpoint.
+    fp32 = conv4 / "zero" / "w" / "fp32.pt"
+    fp32.write_bytes(b"y" * 20)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.choose(tmp_path, False, cpu)
+    assert str(fp32) in str(err.value) and "truncated" in str(err.value) and t2 in str(err.value)
+    # The earlier checkpoint was not converted: the error names the command for exactly that tag.
+    with pytest.raises(CheckpointError, match=f"to-universal {tmp_path} --tag {t2}"):
+        checkpoint.choose(tmp_path, True, cpu)
+    assert checkpoint.latest_tag(tmp_path) == t4  # nothing moved while no good checkpoint was found
+
+    # A corrupt rank file of the newest checkpoint (its conversion repaired) is named too; with the earlier one
+    # converted, the fallback resumes from it.
+    fp32.write_bytes(b"y" * 50)
+    bad = root / t4 / "rank1.safetensors"
+    bad.write_bytes(bad.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="rank1.safetensors"):
+        checkpoint.choose(tmp_path, False, cpu)
+    _fake_universal(tmp_path, t2)
+    assert checkpoint.choose(tmp_path, True, cpu) == t2
+    assert checkpoint.latest_tag(tmp_path) == t2
+    assert (root / f"{t4}.corrupt").is_dir() and (root / f"{t4}_universal.corrupt").is_dir()
+    assert not conv4.exists()  # a new save of step 4 cannot meet the old conversion
+
+
+def test_a_conversion_of_another_checkpoint_of_the_same_step_is_not_used(tmp_path):
+    t2 = _fake_tag(tmp_path, 2, world=2)
+    _commit(tmp_path, t2)
+    _fake_universal(tmp_path, t2)
+    mf = checkpoint.checkpoint_dir(tmp_path) / t2 / MANIFEST
+    mf.write_text(mf.read_text().replace('"step": 2', '"step": 2 '))  # re-saved: another manifest
+    with pytest.raises(CheckpointError, match="another checkpoint"):
+        checkpoint.choose(tmp_path, True, torch.device("cpu"))
+
+
+def test_to_universal_names_the_bad_file_and_an_earlier_tag_to_convert(tmp_path):
+    t2, t4 = _fake_tag(tmp_path, 2, world=2), _fake_tag(tmp_path, 4, world=2)
+    _commit(tmp_path, t4)
+    bad = checkpoint.checkpoint_dir(tmp_path) / t4 / "rank0.safetensors"
+    bad.unlink()
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.convert_to_universal(tmp_path)
+    assert str(bad) in str(err.value) and f"--tag {t2}" in str(err.value)
 
 
 def test_prune_keeps_the_newest_complete_and_deletes_older_partial(tmp_path):

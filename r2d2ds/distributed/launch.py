@@ -145,6 +145,13 @@ def init_distributed(timeout_s: float) -> Launch:
         # NCCL only enforces the timeout when asynchronous error handling is on (torch's default in recent
         # versions; set explicitly for older ones).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # This rank's GPU now, as the engine sets it later: collectives before the engine exists (the resume's
+        # checkpoint choice) run on the current CUDA device, which is otherwise cuda:0 on every rank of a node.
+        # A task that sees fewer GPUs than its local rank (one GPU per task) keeps its only device.
+        import torch
+
+        if info.local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(info.local_rank)
     _load_shm_comm_op()  # before DeepSpeed builds it unguarded (its builder caches the loaded module)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)

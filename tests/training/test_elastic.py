@@ -66,3 +66,42 @@ def test_two_to_one_to_two_ranks(dataset, tmp_path):
     assert _samples_seen(run_dir) == {1: 16, 2: 32, 3: 48, 4: 64, 5: 72, 6: 80, 7: 96, 8: 112}
     got_losses = losses(run_dir)
     assert all(v == v and 0 < v < 100 for s in got_losses.values() for v in s.values())  # finite, trained on
+
+
+def test_elastic_fallback_resumes_from_the_previous_converted_checkpoint(dataset, tmp_path):
+    """ZeRO-3, 2 ranks -> 1: the newest conversion is damaged (its consolidated EMA teacher truncated). Without
+    train.resume_fallback the error names the file; with it the run resumes from the previous converted
+    checkpoint, sets the bad one aside and trains on, every step logged once."""
+    from tests.training.test_deepspeed_e2e import ds_config_for
+
+    run_dir = tmp_path / "run"
+    common = [f"--data.train={dataset}", f"--train.ds_config={ds_config_for(3, tmp_path)}", "--train.ckpt_every=2"]
+    launch(run_dir, *common, "--train.steps=4")
+    root = run_dir / "checkpoints"
+    _convert(run_dir)
+    ok(run([sys.executable, "-m", "r2d2ds.checkpoint", "to-universal", str(run_dir), "--tag", "step00000002",
+            "--workers", "1"]))
+    teacher = root / "step00000004_universal" / "r2d2ds-teacher.safetensors"
+    teacher.write_bytes(teacher.read_bytes()[:-100])
+
+    refused = run(python_cmd(run_dir, *common, "--train.steps=6", "--resume"))
+    assert refused.returncode == 2 and str(teacher) in refused.stderr and "resume_fallback" in refused.stderr, \
+        refused.stderr[-2000:]
+    one = ok(run(python_cmd(run_dir, *common, "--train.steps=6", "--resume", "--train.resume_fallback=true")))
+    assert "resumed from step00000002" in one.stderr, one.stderr[-3000:]
+    assert (root / "step00000004.corrupt").is_dir() and (root / "step00000004_universal.corrupt").is_dir()
+    assert logged_steps(run_dir) == list(range(1, 7))
+    assert _samples_seen(run_dir) == {1: 16, 2: 32, 3: 40, 4: 48, 5: 56, 6: 64}
+    assert json.loads((root / "step00000006" / "r2d2ds-checkpoint.json").read_text())["world_size"] == 1
+
+    # Back on 2 ranks to step 8, then that 2-rank checkpoint is damaged: resumed on 1 rank with the fallback, the
+    # run goes back to the 1-rank step 6, a same-size load (the engine is built after the choice, without the
+    # universal loader the damaged newest checkpoint would have needed).
+    _convert(run_dir)
+    launch(run_dir, *common, "--train.steps=8", "--resume")
+    bad = root / "step00000008" / "rank0.safetensors"
+    bad.write_bytes(bad.read_bytes()[:50])
+    back = ok(run(python_cmd(run_dir, *common, "--train.steps=8", "--resume", "--train.resume_fallback=true")))
+    assert "resumed from step00000006" in back.stderr and str(bad) in back.stderr, back.stderr[-3000:]
+    assert logged_steps(run_dir) == list(range(1, 9))
+    assert _samples_seen(run_dir) == {1: 16, 2: 32, 3: 40, 4: 48, 5: 56, 6: 64, 7: 72, 8: 80}
