@@ -188,7 +188,8 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             seed = step_seed(self.cfg.train.seed, self.step, micro, self.rank)
             teacher = self.teacher.module if self.teacher is not None else None
-            if self.gradcache is not None:  # engine micro steps (forward, backward, step): one per chunk, two with cached negatives
+            # GradCache: engine micro steps (forward, backward, step), one per chunk (two with cached negatives)
+            if self.gradcache is not None:
                 out = self.gradcache.step(self.engine, batch, teacher, seed, autocast=self._autocast)
             else:
                 with self._autocast():
