@@ -30,6 +30,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from r2d2ds.distributed import to_comm
+
 # 4 MiB of fp32: 9 buckets for the 8.7 M-parameter CPU benchmark model. Buckets launch in order, so a large one
 # holds back the ones after it: with 16 MiB buckets (3 here) the interleaved open_clip comparison measured lower
 # ratios (under heavy machine load, so a weak signal).
@@ -77,7 +79,9 @@ class OverlappedGradAverage:
         for p in params:  # only at the end of the backward: a gradient this rank's step never reached
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])  # (sum of numel,)
+        # (sum of numel,) on the backend's device (the comm-device rule): the parameters' own device in every
+        # configuration that uses this reducer (CUDA under NCCL, CPU under gloo), so no copy in practice
+        flat = to_comm(torch.cat([p.grad.reshape(-1) for p in params]), self.group)
         self._pending.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, params))
         self._next += 1
 
@@ -90,6 +94,8 @@ class OverlappedGradAverage:
                 for work, flat, params in self._pending:
                     work.wait()
                     flat.div_(self.world)
+                    if flat.device != params[0].device:  # only where the rule moved it (not in training)
+                        flat = flat.to(params[0].device)
                     offset = 0
                     for p in params:  # each .grad becomes its slice of the reduced buffer: no copy back
                         n = p.numel()

@@ -64,6 +64,22 @@ def _train_log_eval(rank: int, world: int) -> None:
         logger.flush(step=1, lr=1e-4)
     evaluate(tiny_model(), tiny_split(n_img=3, caps=2), EvalConfig(topk=2, batch_size=2))
 
+    # ZeRO-0's overlapped gradient average (r2d2ds/distributed/overlap.py), one backward at a boundary
+    from r2d2ds.distributed.overlap import OverlappedGradAverage
+
+    # (its hooks run inside autograd's backward, where this checker's TorchFunctionMode is not active, so its
+    # launch/finish are driven directly here: the same calls the hooks make)
+    lin = torch.nn.Linear(4, 3)
+    reducer = OverlappedGradAverage(list(lin.parameters()), lambda: True, bucket_elems=8)
+    for p in lin.parameters():
+        p.grad = torch.randn_like(p)
+    reducer._active = True
+    while reducer._next < len(reducer.buckets):
+        reducer._launch()
+    reducer._finish()
+    assert lin.weight.grad.device == lin.weight.device
+    reducer.remove()
+
     x = torch.randn(3, 4)
     rd.all_reduce_mean(x)
     rd.all_reduce_sum(x)
