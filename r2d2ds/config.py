@@ -55,6 +55,12 @@ class ModelConfig:
     # Keep the image tower as loaded (pretrained features): no gradient, no optimizer state, BatchNorm statistics
     # frozen too (eval mode). The projection and the cross encoders' image input still train.
     image_freeze: bool = False
+    # With a frozen tower and no augmentation an image's tower output never changes, so compute it once per image
+    # (keyed by its image_id) and serve it from memory from then on (LiT-style locked features): the tower's
+    # forward leaves the step after the first epoch. Memory per rank: images seen x (tokens x width + pooled
+    # width) x the tower's dtype size (Flickr8k-CN, EfficientNet-Lite0 at 160 px, fp32: 6,000 x 26 x 1,280 x
+    # 4 B = 0.8 GB). Training only (eval and the export compute features as usual).
+    image_feature_cache: bool = False
     # Text tower: a transformers BERT-family name, local directory or config.json; text_config overrides fields.
     # "config": BertConfig(**text_config) from scratch (no hub); a name is read from the local cache only.
     text_model: str = "bert-base-chinese"
@@ -84,6 +90,8 @@ class ModelConfig:
         _check(self.image_checkpoint != "", "model.image_checkpoint", "must be a file path or null")
         _check(not self.image_freeze or self.image_pretrained or bool(self.image_checkpoint), "model.image_freeze",
                "freezes a randomly initialised image tower: set model.image_checkpoint or model.image_pretrained")
+        _check(not self.image_feature_cache or self.image_freeze, "model.image_feature_cache",
+               "needs model.image_freeze: a tower that trains changes its features every step")
         _check(self.cross_ffn >= 0, "model.cross_ffn", f"must be >= 0 (0: 4 x width), got {self.cross_ffn}")
         _check(0.0 <= self.cross_dropout < 1.0, "model.cross_dropout", "must be in [0, 1)")
         _check(self.temperature_min > 0, "model.temperature_min", f"must be > 0, got {self.temperature_min}")
@@ -301,6 +309,9 @@ class Config:
         _check_keys(not self.eval.calibration_split or self.eval.calibration_split != self.data.val_split,
                     ("eval.calibration_split", "data.val_split"),
                     "must differ: a re-rank weight chosen on the reported split overstates it")
+        _check_keys(not (self.model.image_feature_cache and self.data.augment),
+                    ("model.image_feature_cache", "data.augment"),
+                    "a cached image feature is only valid for a deterministic transform: turn augmentation off")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

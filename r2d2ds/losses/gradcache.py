@@ -175,6 +175,11 @@ def plan_batch(cfg: Config, world: int) -> BatchPlan:
 
 
 # -------------------------------------------------------------------------------------------- RNG states
+def _keys(labels: Tensor | None, sl: slice) -> Tensor | None:
+    """The chunk's image ids for the frozen image tower's feature cache (None: no ids, computed as usual)."""
+    return None if labels is None else labels[sl]
+
+
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -243,7 +248,7 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice], keep_t
     with torch.no_grad():
         for sl in chunks:
             rng.append(_rng_state(device))
-            tokens, emb = model.encode_image(image[sl])
+            tokens, emb, pooled = model.encode_image(image[sl], with_pooled=True, cache_keys=_keys(labels, sl))
             img.append(emb)
             if keep_tokens:  # written in place: no list + cat, which would hold the cache twice
                 img_tok = tokens.new_empty((ids.shape[0], *tokens.shape[1:])) if img_tok is None else img_tok
@@ -254,7 +259,9 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice], keep_t
                 txt_tok = tokens.new_empty((ids.shape[0], *tokens.shape[1:])) if txt_tok is None else txt_tok
                 txt_tok[sl] = tokens
             if f["tgd"]:  # the teacher is in eval mode: no dropout, nothing to replay
-                t_img.append(teacher.encode_image(image[sl])[1])
+                # A frozen image tower is the same module in both (as in the one-shot objective): reuse its output.
+                t_img.append(teacher.image_proj(pooled) if obj.model_cfg.image_freeze
+                             else teacher.encode_image(image[sl])[1])
                 t_txt.append(teacher.encode_text(ids[sl], mask[sl])[1])
         img_emb, txt_emb = torch.cat(img), torch.cat(txt)  # (B, D)
         scale = model.logit_scale().detach()
@@ -360,7 +367,8 @@ def _masked_text_terms(obj, batch: dict, teacher, cache: _Cache, sl: slice, img_
         terms["mlm"] = mlm_loss(model.mlm_logits(m_hidden[sel]), lab[sel]) * (sel.sum().float() / cache.mlm_count)
     if f["fgd"]:
         with torch.no_grad():  # the teacher on the full text (eval mode: no dropout, no RNG draw)
-            t_img_tokens, _ = teacher.encode_image(batch["image"][sl])
+            t_img_tokens = (img_tokens.detach() if obj.model_cfg.image_freeze  # the same frozen tower's output
+                            else teacher.encode_image(batch["image"][sl])[0])
             t_txt_tokens, _ = teacher.encode_text(batch["input_ids"][sl], m_mask)
             t_hidden = teacher.text_query(t_txt_tokens, m_mask, t_img_tokens)
         terms["fgd"] = fgd_loss(m_hidden, t_hidden, m_mask) * (m_mask.float().sum() / cache.fgd_count)
@@ -425,7 +433,7 @@ def chunk_pass(obj, batch: dict, teacher, cache: _Cache, c: int, negatives: str)
     terms: dict[str, Tensor] = {}
     with _replay_rng(cache.rng[c], ids.device):
         # The replayed stream: these towers see pass 1's dropout masks; what follows continues the same stream.
-        img_tokens, img_emb = model.encode_image(image[sl])  # (B_c, N, Wi), (B_c, D)
+        img_tokens, img_emb = model.encode_image(image[sl], cache_keys=_keys(batch.get("image_id"), sl))
         txt_tokens, txt_emb = model.encode_text(ids[sl], mask[sl])  # (B_c, L, Wt), (B_c, D)
         loss = _surrogate(model, cache, sl, img_emb, txt_emb, ids.shape[0])
         terms.update(_masked_text_terms(obj, batch, teacher, cache, sl, img_tokens, f))
@@ -514,7 +522,7 @@ def tower_pass(obj, batch: dict, teacher, cache: _Cache, c: int) -> dict[str, Te
     sl = cache.chunks[c]
     image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
     with _replay_rng(cache.rng[c], ids.device):
-        img_tokens, img_emb = model.encode_image(image[sl])  # (B_c, N, Wi), (B_c, D)
+        img_tokens, img_emb = model.encode_image(image[sl], cache_keys=_keys(batch.get("image_id"), sl))
         txt_tokens, txt_emb = model.encode_text(ids[sl], mask[sl])  # (B_c, L, Wt), (B_c, D)
     loss = _surrogate(model, cache, sl, img_emb, txt_emb, ids.shape[0])
     if cache.g_img_tok is not None:  # FGR's gradient w.r.t. the tokens, from every chunk on every rank

@@ -95,7 +95,8 @@ class R2D2Pretraining(nn.Module):
         use_mlm = lc.mlm_weight > 0
         a = lc.tgd_alpha if use_tgd else 0.0
 
-        img_tokens, img_emb, img_pooled = model.encode_image(image, with_pooled=True)  # (B, N, Wi), (B, D), (B, P)
+        img_tokens, img_emb, img_pooled = model.encode_image(image, with_pooled=True,  # (B, N, Wi), (B, D), (B, P)
+                                                             cache_keys=labels)
         txt_tokens, txt_emb = model.encode_text(ids, mask)  # (B, L, Wt), (B, D)
         scale = model.logit_scale()  # 0-dim fp32
 

@@ -14,6 +14,9 @@ from r2d2ds.models.r2d2 import R2D2
 def make_teacher(model: R2D2) -> R2D2:
     """A frozen copy of `model` in eval mode (no dropout: the teacher's targets are deterministic)."""
     teacher = copy.deepcopy(model)
+    # No feature cache of its own: with a frozen image tower the objective hands the teacher the student's
+    # output (a second cache would double its memory).
+    teacher.image_tower.feature_cache = None
     teacher.requires_grad_(False)
     return teacher.eval()
 

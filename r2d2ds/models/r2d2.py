@@ -89,10 +89,12 @@ class R2D2(nn.Module):
         # dtype only (no data read), so this is safe on ZeRO-3-partitioned parameters.
         return next(self.image_tower.parameters()).dtype
 
-    def encode_image(self, image: Tensor, with_pooled: bool = False) -> tuple[Tensor, ...]:
+    def encode_image(self, image: Tensor, with_pooled: bool = False,
+                     cache_keys: Tensor | None = None) -> tuple[Tensor, ...]:
         """image (B, 3, H, W) -> tokens (B, N, W_img), CLS/pooled token first; emb (B, D) L2-normalised; with
-        `with_pooled` also the tower's pooled vector (B, W_pool) that `emb` projects."""
-        tokens, pooled = self.image_tower(image.to(self._image_dtype()))
+        `with_pooled` also the tower's pooled vector (B, W_pool) that `emb` projects. `cache_keys`: (B,) image
+        ids for the frozen tower's feature cache (model.image_feature_cache; ignored without it)."""
+        tokens, pooled = self.image_tower(image.to(self._image_dtype()), cache_keys)
         emb = self.image_proj(pooled)
         return (tokens, emb, pooled) if with_pooled else (tokens, emb)
 

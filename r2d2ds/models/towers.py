@@ -78,6 +78,9 @@ class ImageTower(nn.Module):
         if self.frozen:
             self.body.requires_grad_(False)
             self.body.eval()
+        # image_id -> (tokens (N, W), pooled (W_pool)) of the frozen body (model.image_feature_cache). A plain
+        # dict, not a buffer: it is derived data, never saved, and rebuilt by a resumed run.
+        self.feature_cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cfg.image_feature_cache else None
 
     def train(self, mode: bool = True) -> ImageTower:
         super().train(mode)
@@ -85,7 +88,22 @@ class ImageTower(nn.Module):
             self.body.eval()
         return self
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, image: Tensor, cache_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """image (B, 3, H, W) -> (tokens (B, N, W), pooled (B, W_pool)). `cache_keys` (B,) int64 image ids: with
+        model.image_feature_cache, rows already seen are served from memory and only the others run the body."""
+        if self.feature_cache is None or cache_keys is None:
+            return self._compute(image)
+        keys = cache_keys.tolist()  # one host sync per call
+        cache = self.feature_cache
+        miss = [i for i, k in enumerate(keys) if k not in cache]
+        if miss:
+            feats, pooled = self._compute(image if len(miss) == len(keys) else image[miss])
+            for j, i in enumerate(miss):
+                # clone: a row view would keep the whole batch's output alive
+                cache[keys[i]] = (feats[j].clone(), pooled[j].clone())
+        return torch.stack([cache[k][0] for k in keys]), torch.stack([cache[k][1] for k in keys])
+
+    def _compute(self, image: Tensor) -> tuple[Tensor, Tensor]:
         feats, pooled = self.body(image)  # (B, N, W) or (B, C, H, W); (B, W_pool)
         if feats.dim() == 4:  # CNN feature map (B, C, H, W) -> tokens (B, H*W, C)
             feats = feats.flatten(2).transpose(1, 2)
