@@ -92,10 +92,10 @@ def build_model(cfg: Any, vocab_size: int, pad_token_id: int = 0, text_config: s
     """
     from r2d2ds.models import R2D2
 
-    # The weights come from the export: no pretrained file is read, and freezing (a training setting that needs
-    # one) does not apply.
+    # The weights come from the export: no pretrained file is read, and freezing and the frozen tower's feature
+    # cache (training settings that need one) do not apply.
     changes: dict[str, Any] = dict(image_pretrained=False, image_checkpoint=None, image_freeze=False,
-                                   text_pretrained=False)
+                                   image_feature_cache=False, text_pretrained=False)
     if text_config is not None:
         changes["text_model"] = str(text_config)
     return R2D2(dataclasses.replace(cfg.model, **changes), vocab_size=vocab_size, pad_token_id=pad_token_id)

@@ -207,15 +207,17 @@ def test_eval_command_on_export(tmp_path, tokenizer, capsys):
     assert json.loads(res.read_text())["rerank"]["mode"] == "released"
 
 
-def test_export_of_a_frozen_image_tower_loads(tmp_path, tokenizer):
-    """model.image_freeze needs a pretrained file to train; the export holds the weights, so loading it needs none."""
+@pytest.mark.parametrize("feature_cache", [False, True])
+def test_export_of_a_frozen_image_tower_loads(tmp_path, tokenizer, feature_cache):
+    """model.image_freeze needs a pretrained file to train; the export holds the weights, so loading it needs none
+    (nor the frozen tower's feature cache, a training setting that needs image_freeze)."""
     import dataclasses
 
     from r2d2ds.api import load
 
     cfg = _config()
     cfg.model = dataclasses.replace(cfg.model, image_checkpoint=str(tmp_path / "pretrained.safetensors"),
-                                    image_freeze=True)
+                                    image_freeze=True, image_feature_cache=feature_cache)
     model = _model(tokenizer)
     out = export_model(model, cfg, tokenizer, tmp_path / "export")
     r = load(out)
