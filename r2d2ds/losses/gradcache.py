@@ -248,20 +248,18 @@ def embed_pass(obj, batch: dict, teacher, seed: int, chunks: list[slice], keep_t
     with torch.no_grad():
         for sl in chunks:
             rng.append(_rng_state(device))
-            tokens, emb, pooled = model.encode_image(image[sl], with_pooled=True, cache_keys=_keys(labels, sl))
+            i_tokens, emb, pooled = model.encode_image(image[sl], with_pooled=True, cache_keys=_keys(labels, sl))
             img.append(emb)
             if keep_tokens:  # written in place: no list + cat, which would hold the cache twice
-                img_tok = tokens.new_empty((ids.shape[0], *tokens.shape[1:])) if img_tok is None else img_tok
-                img_tok[sl] = tokens
+                img_tok = i_tokens.new_empty((ids.shape[0], *i_tokens.shape[1:])) if img_tok is None else img_tok
+                img_tok[sl] = i_tokens
             tokens, emb = model.encode_text(ids[sl], mask[sl])
             txt.append(emb)
             if keep_tokens:
                 txt_tok = tokens.new_empty((ids.shape[0], *tokens.shape[1:])) if txt_tok is None else txt_tok
                 txt_tok[sl] = tokens
             if f["tgd"]:  # the teacher is in eval mode: no dropout, nothing to replay
-                # A frozen image tower is the same module in both (as in the one-shot objective): reuse its output.
-                t_img.append(teacher.image_proj(pooled) if obj.model_cfg.image_freeze
-                             else teacher.encode_image(image[sl])[1])
+                t_img.append(obj.teacher_image(teacher, image[sl], i_tokens, pooled)[1])
                 t_txt.append(teacher.encode_text(ids[sl], mask[sl])[1])
         img_emb, txt_emb = torch.cat(img), torch.cat(txt)  # (B, D)
         scale = model.logit_scale().detach()
@@ -367,8 +365,7 @@ def _masked_text_terms(obj, batch: dict, teacher, cache: _Cache, sl: slice, img_
         terms["mlm"] = mlm_loss(model.mlm_logits(m_hidden[sel]), lab[sel]) * (sel.sum().float() / cache.mlm_count)
     if f["fgd"]:
         with torch.no_grad():  # the teacher on the full text (eval mode: no dropout, no RNG draw)
-            t_img_tokens = (img_tokens.detach() if obj.model_cfg.image_freeze  # the same frozen tower's output
-                            else teacher.encode_image(batch["image"][sl])[0])
+            t_img_tokens = obj.teacher_image(teacher, batch["image"][sl], img_tokens)[0]
             t_txt_tokens, _ = teacher.encode_text(batch["input_ids"][sl], m_mask)
             t_hidden = teacher.text_query(t_txt_tokens, m_mask, t_img_tokens)
         terms["fgd"] = fgd_loss(m_hidden, t_hidden, m_mask) * (m_mask.float().sum() / cache.fgd_count)

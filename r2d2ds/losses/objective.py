@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from r2d2ds.config import LossConfig, ModelConfig
 from r2d2ds.losses.contrastive import gcpr_loss, tgd_loss
@@ -67,6 +67,17 @@ class R2D2Pretraining(nn.Module):
         """Whether any term (TgD, FgD) needs the EMA teacher: the trainer builds one only then."""
         return self._tgd_on() or self.loss_cfg.fgd_weight > 0
 
+    def teacher_image(self, teacher: R2D2, image: Tensor, tokens: Tensor,
+                      pooled: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The teacher's image tokens and embedding for `image`, whose student image-tower output is `tokens`
+        (and `pooled`). A frozen image tower is the same module in student and teacher (frozen weights never drift
+        under the EMA), so its output is reused, detached, and only the teacher's own projection runs; the
+        embedding is None there when `pooled` is not given. Otherwise the teacher's tower runs. Call under
+        no_grad. The one-shot objective and GradCache's passes all take the teacher's image side from here."""
+        if self.model_cfg.image_freeze:
+            return tokens.detach(), (teacher.image_proj(pooled.detach()) if pooled is not None else None)
+        return teacher.encode_image(image)
+
     def fgr_draw(self, seed: int) -> tuple[int, bool]:
         """(FGR's sampling seed: its own stream of the step seed, whether the draw is fused into GCPR).
 
@@ -109,10 +120,7 @@ class R2D2Pretraining(nn.Module):
 
         if use_tgd or use_fgd:
             with torch.no_grad():  # teacher in eval mode, no gradient
-                if self.model_cfg.image_freeze:  # the frozen tower is the same module in both: reuse its output
-                    t_img_tokens, t_img_emb = img_tokens.detach(), teacher.image_proj(img_pooled.detach())
-                else:
-                    t_img_tokens, t_img_emb = teacher.encode_image(image)
+                t_img_tokens, t_img_emb = self.teacher_image(teacher, image, img_tokens, img_pooled)
                 t_txt_tokens, t_txt_emb = teacher.encode_text(ids, mask)
 
         if lc.gcpr_weight > 0:

@@ -85,3 +85,23 @@ def test_image_freeze_needs_weights():
 
     with pytest.raises(ConfigError, match="model.image_freeze"):
         tiny_model_config(image_freeze=True)
+
+
+def test_teacher_image_side_with_a_frozen_tower_equals_the_teachers_own(tmp_path):
+    """R2D2Pretraining.teacher_image (used by the one-shot objective and both GradCache passes): with the frozen
+    tower it reuses the student's tower output but projects with the TEACHER's projection, which has drifted
+    from the student's after training steps; the result equals the teacher's own encode_image."""
+    cfg = _frozen_cnn_config(tmp_path)
+    torch.manual_seed(0)
+    obj = R2D2Pretraining(cfg, tiny_loss_config(), VOCAB, PAD, MASK, SPECIALS).train()
+    teacher = make_teacher(obj.model)
+    with torch.no_grad():  # the student's projection moves on, the EMA teacher's lags behind
+        obj.model.image_proj.linear.weight.add_(0.5)
+    image = tiny_batch(b=4)["image"]
+    with torch.no_grad():
+        s_tok, _, s_pooled = obj.model.encode_image(image, with_pooled=True)
+        t_tok, t_emb = obj.teacher_image(teacher, image, s_tok, s_pooled)
+        ref_tok, ref_emb = teacher.encode_image(image)
+        assert obj.teacher_image(teacher, image, s_tok)[1] is None  # tokens only (FgD)
+    assert torch.allclose(t_tok, ref_tok, atol=1e-6) and torch.allclose(t_emb, ref_emb, atol=1e-6)
+    assert not torch.allclose(obj.model.image_proj(s_pooled), ref_emb, atol=1e-3)  # the student's would differ
