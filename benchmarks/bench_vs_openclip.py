@@ -11,8 +11,18 @@ and ours back to back, which goes first alternating by repeat, then ours full R2
 repeat, so machine-load drift hits both sides alike; the ratio of each interleaved pair is the figure to read.
 `uptime`'s load average is recorded before and after every run.
 
+Both sides run on the same installed packages (`--env same-base`, the default): open_clip's side in the baseline's
+venv, ours in `$OCBASE/r2d2ds-venv`, a venv layered on the same read-only base venv (one torch, timm, transformers,
+webdataset, numpy install for both) plus only r2d2ds's runtime requirements, pinned to this interpreter's versions,
+and r2d2ds itself (editable, no dependencies). Peak RSS counts every imported module: the repository's dev venv
+also holds triton (an optional extra; torch._dynamo imports it whenever it is installed) and scipy (a test extra;
+transformers imports scipy.optimize whenever it is installed), about 100 MB per process that the baseline's venv
+lacks, so a comparison in the dev venv (`--env this`) measures the environments as much as the trainers.
+`--with-this-env` also runs ours in this interpreter once per batch size, to show that difference side by side.
+
   python benchmarks/bench_vs_openclip.py --out benchmarks/results/cpu               # 3 repeats x 32, 64 per rank
   python benchmarks/bench_vs_openclip.py --bs 32 --repeats 1 --full-r2d2 --out DIR  # + the full R2D2 step
+  python benchmarks/bench_vs_openclip.py --env this --out DIR                        # ours in this interpreter
 Writes DIR/vs_openclip.json (every run, its exact command, per-step times) and DIR/vs_openclip.md.
 """
 
@@ -33,7 +43,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hostinfo: see its docstring
-from hostinfo import cpu_name, versions  # noqa: E402
+from hostinfo import cpu_name  # noqa: E402
 
 STACK = ("torch", "deepspeed", "timm", "transformers", "webdataset", "open_clip_torch")  # this side's stack
 
@@ -83,9 +93,67 @@ def run_openclip(oc_dir: Path, bs: int, steps: int, skip: int, workers: int) -> 
     return row
 
 
+def runtime_requirements(pyproject: Path) -> list[str]:
+    """r2d2ds's [project] dependencies: what a user's install brings, no optional or test extras."""
+    import tomllib
+
+    return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+
+
+def same_base_env(ocbase: Path, python: str = sys.executable) -> Path:
+    """The interpreter of `ocbase/r2d2ds-venv`: built once (rebuilt when the pins or the checkout change) on the
+    baseline's base venv through the same `site.addsitedir` .pth as the baseline's own venv, so torch, timm,
+    transformers and webdataset are the very files open_clip's side imports. Into it: r2d2ds's runtime
+    requirements pinned to `python`'s installed versions (`pip freeze`), then r2d2ds from ROOT without deps."""
+    import hashlib
+
+    base = ocbase / "base-venv"
+    venv = ocbase / "r2d2ds-venv"
+    py = venv / "bin" / "python"
+    if not (base / "bin" / "python").is_file():
+        raise RuntimeError(f"no baseline base venv at {base}: run the baseline's setup.sh first")
+    freeze = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True,
+                            check=True).stdout
+    pins = "\n".join(ln for ln in freeze.splitlines() if "==" in ln and not ln.startswith("r2d2ds=="))
+    reqs = runtime_requirements(ROOT / "pyproject.toml")
+    stamp = hashlib.sha256("\n".join([pins, *reqs, str(ROOT)]).encode()).hexdigest()
+    marker = venv / ".r2d2ds_env"
+    if py.is_file() and marker.is_file() and marker.read_text() == stamp:
+        return py
+    shutil.rmtree(venv, ignore_errors=True)
+    interp = os.path.realpath(base / "bin" / "python")
+    subprocess.run([interp, "-m", "venv", str(venv)], check=True)
+    site = lambda p: subprocess.run([str(p), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                    capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+    Path(site(py), "zz_base_venv.pth").write_text(f"import site; site.addsitedir({site(base / 'bin' / 'python')!r})\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as pinfile:
+        pinfile.write(pins + "\n")
+        pinfile.flush()
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", pinfile.name, *reqs], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
+    marker.write_text(stamp)
+    return py
+
+
+def importable(python: str, modules: list[str]) -> dict[str, bool]:
+    """Whether each module can be imported by `python` (found on its path, not imported)."""
+    code = ("import importlib.util, json, sys; "
+            "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))")
+    return json.loads(subprocess.run([python, "-c", code, *modules], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def env_versions(python: str) -> dict[str, str]:
+    """STACK's versions as installed for `python` (hostinfo.versions run by that interpreter)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from hostinfo import versions; "
+            f"print(json.dumps(versions(*{STACK!r})))")
+    out = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return {k: v for k, v in out.items() if v}
+
+
 def run_ours(shards: str, bs: int, steps: int, skip: int, workers: int, ds_config: str, extra: list[str],
-             side: str) -> dict:
-    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+             side: str, python: str = sys.executable) -> dict:
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(python)) or "deepspeed"
     with tempfile.TemporaryDirectory(prefix="r2d2ds-vs-oc-") as run_dir:
         cmd = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "train.py", "--config", CONFIG, f"--data.train={shards}", f"--data.micro_batch={bs}",
@@ -104,7 +172,7 @@ def run_ours(shards: str, bs: int, steps: int, skip: int, workers: int, ds_confi
     if len(step_s) != steps:
         raise RuntimeError(f"expected {steps} per-step records (train.log_every 1), got {len(step_s)}")
     cmd[cmd.index(next(c for c in cmd if c.startswith("--train.run_dir=")))] = "--train.run_dir=RUN_DIR"
-    cmd[0], cmd[6] = "deepspeed", "PORT"
+    cmd[0], cmd[6] = ("deepspeed" if python == sys.executable else deepspeed), "PORT"
     return {"side": side, "bs": bs, "samples_per_s": timed_rate(step_s, gbs, skip),
             "peak_rss_mb_rank0": recs[-1]["memory/peak_gib"] * 1024, "step_s": step_s,
             "tflops_per_rank": recs[-1].get("perf/tflops"), "mfu": recs[-1].get("perf/mfu"),
@@ -165,6 +233,18 @@ def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
         if full:  # against the open_clip run of the same repeat (interleaved), not an unpaired median
             ratios = [f["samples_per_s"] / o["samples_per_s"] for f in full for o in oc if o["repeat"] == f["repeat"]]
             full_lines.append(f"| {bs} ({2 * bs}) | {_rates(full)} | {', '.join(f'{x:.2f}' for x in ratios)} |")
+    this_lines = []
+    for bs in batch_sizes:
+        oc = [r for r in rows if r["bs"] == bs and r["side"] == "open_clip"]
+        this = [r for r in rows if r["bs"] == bs and r["side"] == "r2d2ds_this_env"]
+        if this:
+            ratios = [t["samples_per_s"] / o["samples_per_s"] for t in this for o in oc if o["repeat"] == t["repeat"]]
+            this_lines.append(f"| {bs} ({2 * bs}) | {_rates(this)} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+                              f"{_median_rss(this):.0f} |")
+    if this_lines:
+        out += ["", "The same r2d2ds step in the repository's dev venv (triton and scipy installed), same repeat:", "",
+                "| per rank (global) | r2d2ds samples/s | ratio to open_clip's run in the same repeat | "
+                "peak RSS rank 0 MB |", "|---|---|---|---|", *this_lines]
     if full_lines:
         out += ["", "Full R2D2 step (GCPR + TgD + FGR + FgD + MLM, 2 cross layers), same towers and data, as a ratio "
                 "to open_clip's contrastive step:", "", "| per rank (global) | r2d2ds full samples/s | "
@@ -186,6 +266,22 @@ def portable(text: str) -> str:
     return text
 
 
+ENV_LINES = {
+    "same-base": "both sides on the same installed packages (r2d2ds in `$OCBASE/r2d2ds-venv`: the baseline's base "
+                 "venv plus r2d2ds's runtime requirements, see the script's docstring); ",
+    "this": "r2d2ds side in the repository's dev venv, open_clip's in the baseline's venv (different package sets: "
+            "see the script's docstring); ",
+}
+
+
+def _importable_line(found: dict | None) -> str:
+    if not found:
+        return ""
+    sides = [side + " " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in mods.items())
+             for side, mods in found.items()]
+    return "importable: " + "; ".join(sides) + "; "
+
+
 def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: list[int], args) -> str:
     rows = json.loads(portable(json.dumps(rows)))
     # a re-render (--render) keeps the measured run's date and final load; a live run stamps them now
@@ -199,7 +295,8 @@ def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: lis
     cmds = sorted({r["command"] for r in rows})
     lb, la = meta["load_avg_before"], meta["load_avg_after"]
     md = [f"# open_clip's own loop vs r2d2ds, contrastive step, CPU ({meta['date']})", "",
-          f"{meta['cpu']}, {meta['cores']} cores; r2d2ds side: "
+          f"{meta['cpu']}, {meta['cores']} cores; {ENV_LINES.get(meta.get('env'), '')}"
+          f"{_importable_line(meta.get('importable'))}r2d2ds side: "
           f"{', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; open_clip side: "
           f"{meta.get('open_clip_side_versions') or 'see its README'}.",
           f"2 ranks (gloo), fp32, {args.workers} loader worker per rank, {args.steps} steps, steps "
@@ -230,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the full R2D2 step (every term on), once per batch size in the first repeat")
     p.add_argument("--openclip-dir", default=str(ROOT.parent / "shared" / "tools" / "openclip_baseline"))
     p.add_argument("--shards", default=None, help="brace pattern of the baseline's shards (default: its setup's)")
+    p.add_argument("--env", choices=["same-base", "this"], default="same-base",
+                   help="our side's interpreter: same-base (the baseline's base venv + r2d2ds's runtime requirements, "
+                        "see the module docstring) or this one")
+    p.add_argument("--with-this-env", action="store_true",
+                   help="with --env same-base, also run ours in this interpreter once per batch size (first repeat)")
     p.add_argument("--out", default="benchmarks/results/cpu")
     p.add_argument("--render", action="store_true", help="only re-write OUT's table from its vs_openclip.json")
     args = p.parse_args(argv)
@@ -260,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     oc_versions = subprocess.run([str(oc_py), "-c", "import importlib.metadata as m; print(' '.join(n + ' ' + "
                                   "m.version(n) for n in ('torch', 'open_clip_torch', 'timm', 'transformers', "
                                   "'webdataset')))"], capture_output=True, text=True).stdout.strip()
+    ours_py = str(same_base_env(ocbase)) if args.env == "same-base" else sys.executable
+    PORTABLE.insert(0, (str(ocbase / "r2d2ds-venv"), "$OCBASE/r2d2ds-venv"))
+    probe = ["triton", "scipy"]  # the ~100 MB of imports the dev venv adds (module docstring)
+    envs = {"open_clip": importable(str(oc_py), probe), "r2d2ds": importable(ours_py, probe)}
     load_before = load_average()
-    ours = {k: v for k, v in versions(*STACK).items() if v}
-    base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": ours, "load_avg_before": load_before,
+    base_meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "versions": env_versions(ours_py),
+                 "load_avg_before": load_before, "env": args.env, "importable": envs,
                  "open_clip_side_versions": oc_versions,
                  "steps": args.steps, "skip": args.skip, "workers": args.workers, "ds_config": args.ds_config,
                  "config": CONFIG, "repeats": args.repeats}
@@ -274,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
             pair = [("open_clip", None), ("r2d2ds", [])]
             # alternate which side goes first, so a load trend within a pair does not favour one side
             full = [("r2d2ds_full", FULL_R2D2)] if args.full_r2d2 and rep == 0 else []  # once per batch size
-            sides = (pair if rep % 2 == 0 else pair[::-1]) + full
+            this = [("r2d2ds_this_env", [])] if args.with_this_env and args.env != "this" and rep == 0 else []
+            sides = (pair if rep % 2 == 0 else pair[::-1]) + this + full
             for side, extra in sides:
                 load = load_average()
                 if side == "open_clip":
                     row = run_openclip(oc_dir, bs, args.steps, args.skip, args.workers)
                 else:
-                    row = run_ours(shards, bs, args.steps, args.skip, args.workers, args.ds_config, extra, side)
+                    py = sys.executable if side == "r2d2ds_this_env" else ours_py
+                    row = run_ours(shards, bs, args.steps, args.skip, args.workers, args.ds_config, extra, side, py)
                 row.update(repeat=rep, load_avg_before=load)
                 rows.append(row)
                 print(f"rep {rep} bs {bs:>3} {side:<12} {row['samples_per_s']:7.1f} samples/s  "

@@ -37,7 +37,7 @@ def test_written_after_each_run(tmp_path):
     import json
 
     args = argparse.Namespace(workers=1, steps=20, skip=3, repeats=3)
-    meta = {"cpu": "cpu", "cores": 2, "versions": bench.versions(), "load_avg_before": [3.0, 2.0, 1.0]}
+    meta = {"cpu": "cpu", "cores": 2, "versions": {"torch": "2.13.0"}, "load_avg_before": [3.0, 2.0, 1.0]}
     rows = [{"side": "open_clip", "bs": 32, "samples_per_s": 100.0, "peak_rss_mb_rank0": 780.0, "repeat": 0,
              "command": "bash run_openclip.sh --bs 32", "exact_command": "torchrun ... --batch-size 32"}]
     bench.write_results(tmp_path, meta, rows, [32, 64], args)  # one side of one pair done: still a valid file
@@ -76,3 +76,31 @@ def test_int_id_shards_map_string_ids_and_keep_every_other_byte(tmp_path):
     assert json.loads(got["000.json"]) == {"key": "000", "image_id": key_to_image_id("2513260012_03d33305cf"),
                                            "caption": "狗"}
     assert got["001.json"] == members["001.json"]  # an int id is left as it is
+
+
+def test_same_base_env_installs_runtime_requirements_only():
+    reqs = bench.runtime_requirements(ROOT / "pyproject.toml")
+    names = {r.split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in reqs}
+    assert {"torch", "deepspeed", "timm", "transformers"} <= names
+    # the dev venv's extras are what the same-base comparison leaves out (triton, scipy: ~100 MB of imports)
+    assert not names & {"triton", "scipy", "open-clip-torch", "pytest"}
+
+
+def test_this_env_rows_get_their_own_table_and_the_environment_is_stated(tmp_path):
+    import argparse
+
+    rows = [{"side": "open_clip", "bs": 32, "samples_per_s": 100.0, "peak_rss_mb_rank0": 780.0, "repeat": 0,
+             "command": "bash run_openclip.sh --bs 32"},
+            {"side": "r2d2ds", "bs": 32, "samples_per_s": 110.0, "peak_rss_mb_rank0": 700.0, "repeat": 0,
+             "command": "$OCBASE/r2d2ds-venv/bin/deepspeed ... train.py"},
+            {"side": "r2d2ds_this_env", "bs": 32, "samples_per_s": 105.0, "peak_rss_mb_rank0": 805.0, "repeat": 0,
+             "command": "deepspeed ... train.py"}]
+    table = bench.summarize(rows, [32])
+    main_line = next(ln for ln in table.splitlines() if ln.startswith("| 32 (64)"))
+    assert "**1.10**" in main_line and "780 / 700" in main_line  # the same-base run, not the dev-venv one
+    assert "| 32 (64) | 105.0 | 1.05 | 805 |" in table
+    meta = {"cpu": "cpu", "cores": 2, "versions": {"torch": "2.13.0"}, "load_avg_before": [1.0, 1.0, 1.0],
+            "env": "same-base", "importable": {"open_clip": {"triton": False}, "r2d2ds": {"triton": False}}}
+    bench.write_results(tmp_path, meta, rows, [32], argparse.Namespace(workers=1, steps=20, skip=3, repeats=1))
+    md = (tmp_path / "vs_openclip.md").read_text()
+    assert "same installed packages" in md and "importable: open_clip triton no; r2d2ds triton no" in md
