@@ -129,16 +129,19 @@ def test_scancel_ends_the_job_for_good(slurm, dataset, tmp_path):
     subprocess.run(["scancel", job], check=True)
     wait_done(job, log)
     t0 = time.monotonic()
-    final = re.compile(r"requeue|training step ended with exit code")  # the script's last words, whichever path
+    # The batch script's own last words (its log lines end the "[r2d2ds ... restart N]" prefix), whichever path;
+    # not the ranks' "exiting with 75 so the job is requeued", which comes first.
+    final = re.compile(r"\] (stopped \(exit code|Slurm was already ending the job|training step ended with exit code)")
     while not final.search(log.read_text()) and time.monotonic() - t0 < 60:
         time.sleep(0.5)
     time.sleep(5)  # a requeue would follow the script's last line at once
     text = log.read_text()
-    assert final.search(text), text[-4000:]
     assert "requeueing the job" not in text, text[-4000:]
     # Usually every rank writes its stop checkpoint and exits 75 (what a preemption requeues); under heavy load
-    # srun may give up on the step first and end 0. Either way the script must not requeue, and says why.
-    if "training step ended with exit code 0" not in text:
+    # srun may give up on the step first and end 0. Either way the script must not requeue, and says why. Under
+    # heavier load still, the stop checkpoint outlasts the cluster's KillWait (10 s on the test cluster) and Slurm
+    # SIGKILLs the batch shell before its last words: then only the job's end state below can be checked.
+    if final.search(text) and "training step ended with exit code 0" not in text:
         assert "Slurm was already ending the job (state COMPLETING" in text, text[-4000:]
     info = job_info(job)
     assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
