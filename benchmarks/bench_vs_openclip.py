@@ -218,28 +218,28 @@ def _median_rss(rows: list[dict]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+def _same_repeat_ratios(runs: list[dict], oc: list[dict]) -> str:
+    """Each run against the open_clip run of its own repeat (interleaved), not an unpaired median."""
+    return ", ".join(f"{r['samples_per_s'] / o['samples_per_s']:.2f}" for r in runs for o in oc
+                     if o["repeat"] == r["repeat"])
+
+
 def summarize(rows: list[dict], batch_sizes: list[int]) -> str:
     out = ["| per rank (global) | open_clip samples/s | r2d2ds samples/s | ratio per interleaved pair | "
            "median pair ratio | peak RSS rank 0 MB (open_clip / r2d2ds) |", "|---|---|---|---|---|---|"]
-    full_lines = []
+    full_lines, this_lines = [], []
     for bs in batch_sizes:
-        oc = [r for r in rows if r["bs"] == bs and r["side"] == "open_clip"]
-        us = [r for r in rows if r["bs"] == bs and r["side"] == "r2d2ds"]
-        full = [r for r in rows if r["bs"] == bs and r["side"] == "r2d2ds_full"]
+        side = {name: [r for r in rows if r["bs"] == bs and r["side"] == name]
+                for name in ("open_clip", "r2d2ds", "r2d2ds_full", "r2d2ds_this_env")}
+        oc, us, full, this = side.values()
         pairs = [u["samples_per_s"] / o["samples_per_s"] for o, u in zip(oc, us)]
         rss_o, rss_u = _median_rss(oc), _median_rss(us)
         out.append(f"| {bs} ({2 * bs}) | {_rates(oc)} | {_rates(us)} | {', '.join(f'{p:.2f}' for p in pairs)} | "
                    f"**{statistics.median(pairs) if pairs else float('nan'):.2f}** | {rss_o:.0f} / {rss_u:.0f} |")
-        if full:  # against the open_clip run of the same repeat (interleaved), not an unpaired median
-            ratios = [f["samples_per_s"] / o["samples_per_s"] for f in full for o in oc if o["repeat"] == f["repeat"]]
-            full_lines.append(f"| {bs} ({2 * bs}) | {_rates(full)} | {', '.join(f'{x:.2f}' for x in ratios)} |")
-    this_lines = []
-    for bs in batch_sizes:
-        oc = [r for r in rows if r["bs"] == bs and r["side"] == "open_clip"]
-        this = [r for r in rows if r["bs"] == bs and r["side"] == "r2d2ds_this_env"]
+        if full:
+            full_lines.append(f"| {bs} ({2 * bs}) | {_rates(full)} | {_same_repeat_ratios(full, oc)} |")
         if this:
-            ratios = [t["samples_per_s"] / o["samples_per_s"] for t in this for o in oc if o["repeat"] == t["repeat"]]
-            this_lines.append(f"| {bs} ({2 * bs}) | {_rates(this)} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+            this_lines.append(f"| {bs} ({2 * bs}) | {_rates(this)} | {_same_repeat_ratios(this, oc)} | "
                               f"{_median_rss(this):.0f} |")
     if this_lines:
         out += ["", "The same r2d2ds step in the repository's dev venv (triton and scipy installed), same repeat:", "",
