@@ -6,7 +6,8 @@ For an exported model on one split it prints, over the top-k candidates of every
 reorders): the spread (std) of the cosine, of the mean ITM match probability (the released score adds these two),
 of the ITM log-odds and of the scaled cosine (the fused score adds these two); and, for text queries whose image
 is among the candidates, the probability that the positive scores above a negative by ITM and by cosine
-(a within-top-k AUC: which stage orders the candidates better).
+(a within-top-k AUC: which stage orders the candidates better), for the mean of the two cross encoders'
+log-odds and for each alone.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  text->image, positive among the candidates for {100 * is_pos.any(1).float().mean():.1f}% of queries; "
           f"P(positive above a negative): ITM log-odds {within_topk_auc(t2i.itm.mean(-1), is_pos):.3f}, "
           f"cosine {within_topk_auc(t2i.cand_sim, is_pos):.3f}")
+    # The score averages the two heads' log-odds: if one head ranks far better, the mean dilutes it.
+    print(f"  text->image, P(positive above a negative) by head: text-query "
+          f"{within_topk_auc(t2i.itm[..., 0], is_pos):.3f}, image-query {within_topk_auc(t2i.itm[..., 1], is_pos):.3f}")
     return 0
 
 
