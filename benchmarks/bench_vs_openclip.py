@@ -151,6 +151,14 @@ def env_versions(python: str) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
+def _versions_text(versions: dict[str, str] | str | None) -> str:
+    """'torch 2.x, timm 1.x, ...' from env_versions' dict (a string: a record written before both sides used
+    env_versions, kept as written)."""
+    if isinstance(versions, str) or not versions:
+        return versions or ""
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
 def run_ours(shards: str, bs: int, steps: int, skip: int, workers: int, ds_config: str, extra: list[str],
              side: str, python: str = sys.executable) -> dict:
     deepspeed = shutil.which("deepspeed", path=os.path.dirname(python)) or "deepspeed"
@@ -297,8 +305,8 @@ def write_results(out: Path, base_meta: dict, rows: list[dict], batch_sizes: lis
     md = [f"# open_clip's own loop vs r2d2ds, contrastive step, CPU ({meta['date']})", "",
           f"{meta['cpu']}, {meta['cores']} cores; {ENV_LINES.get(meta.get('env'), '')}"
           f"{_importable_line(meta.get('importable'))}r2d2ds side: "
-          f"{', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; open_clip side: "
-          f"{meta.get('open_clip_side_versions') or 'see its README'}.",
+          f"{_versions_text(meta['versions'])}; open_clip side: "
+          f"{_versions_text(meta.get('open_clip_side_versions')) or 'see its README'}.",
           f"2 ranks (gloo), fp32, {args.workers} loader worker per rank, {args.steps} steps, steps "
           f"{args.skip + 1}-{args.steps} timed, runs interleaved, {len({r['repeat'] for r in rows})} of "
           f"{args.repeats} repeats done. Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in lb)}; "
@@ -359,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     oc_py = Path(os.environ.get("VENV", ocbase / ".venv")) / "bin" / "python"
-    oc_versions = subprocess.run([str(oc_py), "-c", "import importlib.metadata as m; print(' '.join(n + ' ' + "
-                                  "m.version(n) for n in ('torch', 'open_clip_torch', 'timm', 'transformers', "
-                                  "'webdataset')))"], capture_output=True, text=True).stdout.strip()
+    oc_versions = env_versions(str(oc_py))
     ours_py = str(same_base_env(ocbase)) if args.env == "same-base" else sys.executable
     PORTABLE.insert(0, (str(ocbase / "r2d2ds-venv"), "$OCBASE/r2d2ds-venv"))
     probe = ["triton", "scipy"]  # the ~100 MB of imports the dev venv adds (module docstring)

@@ -99,8 +99,12 @@ def test_this_env_rows_get_their_own_table_and_the_environment_is_stated(tmp_pat
     main_line = next(ln for ln in table.splitlines() if ln.startswith("| 32 (64)"))
     assert "**1.10**" in main_line and "780 / 700" in main_line  # the same-base run, not the dev-venv one
     assert "| 32 (64) | 105.0 | 1.05 | 805 |" in table
-    meta = {"cpu": "cpu", "cores": 2, "versions": {"torch": "2.13.0"}, "load_avg_before": [1.0, 1.0, 1.0],
+    meta = {"cpu": "cpu", "cores": 2, "versions": {"torch": "2.13.0", "deepspeed": "0.19.8"},
+            "open_clip_side_versions": {"torch": "2.13.0", "open_clip_torch": "3.3.0"},
+            "load_avg_before": [1.0, 1.0, 1.0],
             "env": "same-base", "importable": {"open_clip": {"triton": False}, "r2d2ds": {"triton": False}}}
     bench.write_results(tmp_path, meta, rows, [32], argparse.Namespace(workers=1, steps=20, skip=3, repeats=1))
     md = (tmp_path / "vs_openclip.md").read_text()
     assert "same installed packages" in md and "importable: open_clip triton no; r2d2ds triton no" in md
+    # Both sides' versions come from env_versions and read alike.
+    assert "r2d2ds side: torch 2.13.0, deepspeed 0.19.8; open_clip side: torch 2.13.0, open_clip_torch 3.3.0." in md
