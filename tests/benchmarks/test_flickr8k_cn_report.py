@@ -55,17 +55,19 @@ def _fake_run(folder: Path, steps: int, mr: float) -> None:
     (folder / "metrics.jsonl").write_text('{"step": 20, "acc/itm": 0.5}\n')
 
 
-def test_runs_of_another_budget_are_labelled_with_their_steps(tmp_path):
-    """Two folders in one report: the config's budget keeps the plain label, a longer run says its steps."""
+def test_runs_of_different_budgets_are_labelled_with_their_steps(tmp_path):
+    """Two folders in one report, the same run at two budgets: each row says its steps; one budget alone keeps
+    the plain label."""
     mod = _module()
-    default = mod._train_steps(mod.ROOT / mod.CONFIG)
-    _fake_run(tmp_path / "a" / "full-s0", default, 20.0)
-    _fake_run(tmp_path / "b" / "full-s0", 2 * default, 19.0)
+    _fake_run(tmp_path / "a" / "full-s0", 2000, 19.0)
+    _fake_run(tmp_path / "b" / "full-s0", 1000, 20.0)
     rows = mod.collect(tmp_path / "a", tmp_path / "b")
-    assert [r["steps"] for r in rows] == [default, 2 * default]
+    assert [r["steps"] for r in rows] == [1000, 2000]  # sorted by steps within variant and seed
     text = mod.table(rows) + mod.runs_table(rows)
-    assert "| full s0 | two-tower |" in text and f"| full s0, {2 * default:,} steps | two-tower |" in text
-    assert f"| full s0, {2 * default:,} steps | `train --train.steps={2 * default}`" in text
+    assert "| full s0, 1,000 steps | two-tower |" in text and "| full s0, 2,000 steps | two-stage |" in text
+    assert "| full s0, 2,000 steps | `train --train.steps=2000`" in text
+    alone = mod.table(mod.collect(tmp_path / "a"))
+    assert "| full s0 | two-tower |" in alone and "steps |" not in alone
 
 
 def test_the_recorded_command_names_every_option_that_is_not_its_default():
