@@ -70,15 +70,23 @@ def job_info(job: str) -> dict[str, str]:
 
 
 def wait_done(job: str, log: Path, timeout: float = 420) -> dict[str, str]:
-    t0 = time.monotonic()
+    t0, held_since = time.monotonic(), None
     while time.monotonic() - t0 < timeout:
         info = job_info(job)
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             # Slurm holds a requeued batch job for a while before it is eligible again (about 2 min here);
-            # what matters is that it was requeued, so make it eligible now.
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            # what matters is that it was requeued, so make it eligible now. Not before the previous instance's
+            # steps are gone and slurmd has had a moment: launched while slurmd still holds the killed instance,
+            # the job fails ("Job N already killed, do not launch batch job"; seen with a step that took 3 s
+            # to end after the batch script).
+            steps = subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True, text=True).stdout
+            held_since = held_since or time.monotonic()
+            if not steps.strip() and time.monotonic() - held_since >= 5:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        else:
+            held_since = None
         time.sleep(1)
     subprocess.run(["scancel", job])
     raise AssertionError(f"job {job} did not end in {timeout} s: {job_info(job)}\n"
