@@ -279,8 +279,9 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     plt = _pyplot()
     keys = ["loss/gcpr", "loss/tgd", "loss/fgr", "loss/fgd", "loss/mlm", "acc/itm"]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    names = run_labels(rows)
     for ax, key in zip(axes.flat, keys):
-        for r, name in zip(rows, run_labels(rows)):
+        for r, name in zip(rows, names):
             pts = [(m["step"], m[key]) for m in r["metrics"] if key in m and "step" in m]
             if pts and any(v for _, v in pts):
                 ax.plot(*zip(*pts), label=name, lw=1.2)
