@@ -244,8 +244,7 @@ def runs_table(rows: list[dict]) -> str:
              "| val MR tower / stage (chosen w) |", "|---|---|---|---|---|---|---|---|---|"]
     for r, name in zip(rows, run_labels(rows)):
         b, cal = r["bench"], r["eval"].get("calibration", {})
-        val_stage = dict((w, mr) for w, mr in cal.get("two_stage_mr_by_weight", [])).get(cal.get("weight"),
-                                                                                     float("nan"))
+        val_stage = dict(cal.get("two_stage_mr_by_weight", [])).get(cal.get("weight"), float("nan"))
         acc = [m["acc/itm"] for m in r["metrics"] if "acc/itm" in m]
         load = lambda xs: "/".join(f"{x:.1f}" for x in xs)
         commit = b["commit"][:7] + (" (dirty)" if b["dirty"] else "")

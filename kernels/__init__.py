@@ -23,13 +23,10 @@ if __name__ == "kernels":
         raise ModuleNotFoundError(f"No module named {__name__!r} (the repository's kernels/ folder installs as "
                                   "r2d2ds.kernels, not as a top-level package)", name=__name__)
     _module = importlib.util.module_from_spec(_spec)
-    # The import system returns whatever sys.modules holds for the name once this file has run.
+    # The import system returns whatever sys.modules holds for the name once this file has run, and removes the
+    # name again if this file raises (the real package failing to import included).
     sys.modules[__name__] = _module
-    try:
-        _spec.loader.exec_module(_module)
-    except BaseException:
-        del sys.modules[__name__]
-        raise
+    _spec.loader.exec_module(_module)
 else:
     from r2d2ds.kernels.contrastive_loss import contrastive_loss
     from r2d2ds.kernels.cross_attention import cross_attention

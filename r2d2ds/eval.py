@@ -204,7 +204,7 @@ def evaluate_calibrated(model: nn.Module, split: Any, eval_cfg: EvalConfig, cali
     # two_stage_mr: the calibration split's MR at the chosen w (cal["two_stage"] was scored at the configured w).
     out["calibration"] = {"split": eval_cfg.calibration_split, "weight": w,
                           "two_tower_mr": cal["two_tower"]["mr"],
-                          "two_stage_mr": dict((wi, mr) for wi, mr in cal["two_stage_mr_by_weight"])[w],
+                          "two_stage_mr": dict(cal["two_stage_mr_by_weight"])[w],
                           "two_stage_mr_by_weight": cal["two_stage_mr_by_weight"]}
     return out
 

@@ -298,7 +298,7 @@ def test_calibration_records_the_split_mr_at_the_chosen_weight():
     test_split, cal_split = tiny_split(n_img=7, caps=2, seed=1), tiny_split(n_img=6, caps=2, seed=2)
     cfg = EvalConfig(topk=8, batch_size=8, calibration_split="val", rerank_weights=(0.0, 0.5, 2.0, 8.0))
     plain = evaluate(model, cal_split, cfg)
-    curve = dict((w, mr) for w, mr in plain["two_stage_mr_by_weight"])
+    curve = dict(plain["two_stage_mr_by_weight"])
     assert plain["two_stage"]["mr"] != max(curve.values())  # the two readings differ here
     cal = evaluate_calibrated(model, test_split, cfg, cal_split)["calibration"]
     assert cal["two_stage_mr"] == curve[cal["weight"]] == max(curve.values())
